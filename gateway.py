@@ -1,0 +1,1680 @@
+"""LLM API relay gateway: team members call it with personal keys; it calls the upstream LLM API
+with the team's key, enforcing exact per-user daily request and token limits.
+
+Run:    python gateway.py --demo                     (built-in mock model, no upstream key needed)
+        python gateway.py --upstream-api-key=sk-...  (or UPSTREAM_API_KEY / OPENAI_API_KEY)
+Users:  users.yaml, reloaded on change (format in README.md).  Counters: data/YYYY-MM-DD.jsonl.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, tzinfo
+from pathlib import Path
+from typing import Any, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import filelock
+import tornado.httpclient
+import tornado.httpserver
+import tornado.log
+import tornado.netutil
+import tornado.options
+import tornado.queues
+import tornado.web
+import yaml
+
+log = logging.getLogger("gateway")
+
+# ---------------------------------------------------------------------------------------------
+# Contract messages (the API contract's wording; clients match on these)
+# ---------------------------------------------------------------------------------------------
+
+MSG_OK = "请求成功"
+MSG_BAD_REQUEST = "请求参数错误"
+MSG_BAD_KEY = "API Key无效或缺失"
+MSG_REQUEST_LIMIT = "每日请求次数已达上限"
+MSG_TOKEN_LIMIT = "每日Token用量已达上限"  # noqa: S105 - a message, not a secret
+MSG_CONFIG = "系统配置错误"
+MSG_UPSTREAM = "大模型API调用失败"
+MSG_QUEUE_FULL = "队列已满"
+# Ours, for cases the contract does not name.
+MSG_NOT_FOUND = "接口不存在"
+MSG_METHOD = "请求方法不允许"
+MSG_TOO_LARGE = "请求体过大"
+MSG_INTERNAL = "系统内部错误"
+MSG_STOPPING = "服务正在停止"
+
+MESSAGE_BY_STATUS = {
+    400: MSG_BAD_REQUEST,
+    401: MSG_BAD_KEY,
+    404: MSG_NOT_FOUND,
+    405: MSG_METHOD,
+    413: MSG_TOO_LARGE,
+    502: MSG_UPSTREAM,
+    503: MSG_QUEUE_FULL,
+}
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class GatewayError(Exception):
+    """An error response: status, the contract's message, details in `data`, extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        data: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.data = data
+        self.headers = headers or {}
+
+
+def bad_request(error: str, field: str | None = None) -> GatewayError:
+    data: dict[str, Any] = {"error": error}
+    if field is not None:
+        data["field"] = field
+    return GatewayError(400, MSG_BAD_REQUEST, data)
+
+
+class ConfigError(Exception):
+    """users.yaml or an option is unusable; raised at start-up and on reload."""
+
+
+class StoreError(Exception):
+    """The usage store could not read or write its files."""
+
+
+class QuotaExceeded(Exception):
+    """A reservation was refused: `reason` is "requests", "tokens" or "corrupt"."""
+
+    def __init__(self, reason: str, counts: Counts) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.counts = counts
+
+
+class UpstreamFailure(Exception):
+    """The upstream call failed: unreachable, timed out, non-2xx, or not a JSON object."""
+
+    def __init__(self, status: int | None, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+class ClientGone(Exception):
+    """The client disconnected while its call was still waiting in the queue."""
+
+
+_SECRET_PATTERNS = re.compile(r"(?:sk|pk|key)-[A-Za-z0-9_\-*.]{6,}|Bearer\s+\S+", re.IGNORECASE)
+
+
+def redact(text: str, secrets_: tuple[str, ...] = ()) -> str:
+    """Remove anything key-shaped from text that may come from the upstream or the OS."""
+    for secret in secrets_:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return _SECRET_PATTERNS.sub("[redacted]", text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the gateway reads from options; built once in main() (or by tests)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    users_file: str = "users.yaml"
+    data_dir: str = "data"
+    upstream_base_url: str = "https://api.openai.com/v1"
+    upstream_api_key: str = ""
+    upstream_timeout: float = 300.0
+    upstream_connect_timeout: float = 10.0
+    queue_size: int = 256
+    concurrency: int = 32
+    timezone: str = ""
+    max_body_size: int = 8 * 1024 * 1024
+    demo: bool = False
+    fsync: bool = False
+    reload_interval: float = 2.0
+    idle_timeout: float = 60.0
+    body_timeout: float = 60.0
+    shutdown_timeout: float = 30.0
+    xheaders: bool = False
+
+    def tz(self) -> tzinfo | None:
+        """The configured zone, or None for the machine's local zone."""
+        if not self.timezone:
+            return None
+        try:
+            return ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ConfigError(f"--timezone={self.timezone!r} is not an IANA time zone") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Users (users.yaml)
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_REQUEST_LIMIT = 1000
+DEFAULT_TOKEN_LIMIT = 100000
+_USER_FIELDS = {
+    "api_key",
+    "api_key_sha256",
+    "daily_request_limit",
+    "daily_token_limit",
+    "enabled",
+    "demo_only",
+}
+_NAME_RE = re.compile(r'^[^\x00-\x1f\x7f"\\]{1,64}$')
+_HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    key_sha256: bytes
+    daily_request_limit: int
+    daily_token_limit: int
+    enabled: bool = True
+
+
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """Safe YAML loader (libyaml when present) that refuses duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+
+def _limit(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where} must be a whole number >= 0, got {value!r}")
+    return value
+
+
+def parse_users(text: str, demo: bool = False) -> dict[str, User]:
+    """Parse users.yaml text; raise ConfigError naming the first problem."""
+    try:
+        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("the top level must be a mapping with 'defaults' and 'users'")
+    unknown = set(doc) - {"defaults", "users"}
+    if unknown:
+        raise ConfigError(f"unknown top-level keys: {sorted(map(str, unknown))}")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError("'defaults' must be a mapping")
+    bad = set(defaults) - {"daily_request_limit", "daily_token_limit"}
+    if bad:
+        raise ConfigError(f"unknown keys in defaults: {sorted(map(str, bad))}")
+    default_requests = _limit(
+        defaults.get("daily_request_limit", DEFAULT_REQUEST_LIMIT), "defaults.daily_request_limit"
+    )
+    default_tokens = _limit(
+        defaults.get("daily_token_limit", DEFAULT_TOKEN_LIMIT), "defaults.daily_token_limit"
+    )
+    entries = doc.get("users") or {}
+    if not isinstance(entries, dict):
+        raise ConfigError("'users' must be a mapping of name -> settings")
+    users: dict[str, User] = {}
+    digests: dict[bytes, str] = {}
+    for name, entry in entries.items():
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(f"user name {name!r}: 1-64 printable characters, no quotes")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"users.{name} must be a mapping")
+        bad = set(entry) - _USER_FIELDS
+        if bad:
+            raise ConfigError(f"users.{name}: unknown keys {sorted(map(str, bad))}")
+        key, digest_hex = entry.get("api_key"), entry.get("api_key_sha256")
+        if (key is None) == (digest_hex is None):
+            raise ConfigError(f"users.{name}: give exactly one of api_key or api_key_sha256")
+        if key is not None:
+            if not isinstance(key, str) or len(key) < 8:
+                raise ConfigError(f"users.{name}.api_key must be a string of 8+ characters")
+            digest = hashlib.sha256(key.encode()).digest()
+        else:
+            if not isinstance(digest_hex, str) or not _HEX64_RE.match(digest_hex):
+                raise ConfigError(f"users.{name}.api_key_sha256 must be 64 hex characters")
+            digest = bytes.fromhex(digest_hex)
+        enabled, demo_only = entry.get("enabled", True), entry.get("demo_only", False)
+        if not isinstance(enabled, bool) or not isinstance(demo_only, bool):
+            raise ConfigError(f"users.{name}: enabled and demo_only must be true or false")
+        if demo_only and not demo:
+            continue
+        if digest in digests:
+            raise ConfigError(f"users.{name} has the same key as users.{digests[digest]}")
+        digests[digest] = name
+        users[name] = User(
+            name=name,
+            key_sha256=digest,
+            daily_request_limit=_limit(
+                entry.get("daily_request_limit", default_requests),
+                f"users.{name}.daily_request_limit",
+            ),
+            daily_token_limit=_limit(
+                entry.get("daily_token_limit", default_tokens), f"users.{name}.daily_token_limit"
+            ),
+            enabled=enabled,
+        )
+    return users
+
+
+class UserDirectory:
+    """The users from users.yaml, looked up by key digest; reloads itself when the file changes."""
+
+    def __init__(self, path: str, demo: bool = False) -> None:
+        self.path = path
+        self.demo = demo
+        self.by_name: dict[str, User] = {}
+        self._by_digest: dict[bytes, User] = {}
+        self._stamp: tuple[int, int, int] | None = None
+
+    def _file_stamp(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> None:
+        """Load the file now; raise ConfigError if it is missing or broken."""
+        try:
+            stamp = self._file_stamp()
+            text = Path(self.path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {self.path}: {e}") from None
+        try:
+            users = parse_users(text, self.demo)
+        except ConfigError as e:
+            raise ConfigError(f"{self.path}: {e}") from None
+        self.by_name = users
+        self._by_digest = {u.key_sha256: u for u in users.values()}
+        self._stamp = stamp
+
+    def reload_if_changed(self) -> bool:
+        """Reload after an edit; on a broken edit log it and keep the last good users."""
+        try:
+            if self._file_stamp() == self._stamp:
+                return False
+        except OSError as e:
+            log.error("users file %s unreadable (%s); keeping %d users", self.path, e, len(self))
+            return False
+        try:
+            self.load()
+        except ConfigError as e:
+            # Remember the broken file's stamp so that the error is logged once per edit.
+            self._stamp = self._file_stamp()
+            log.error("users file not reloaded, keeping %d users: %s", len(self), e)
+            return False
+        log.info("users file reloaded: %d users", len(self))
+        return True
+
+    def authenticate(self, key: str) -> User | None:
+        """The enabled user holding this key, or None.
+
+        The table is keyed by the key's SHA-256, so lookup time depends on a hash of the
+        presented key, never on how much of a real key it matches; compare_digest confirms.
+        """
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        user = self._by_digest.get(digest)
+        if user is None or not hmac.compare_digest(user.key_sha256, digest) or not user.enabled:
+            return None
+        return user
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Days: "today" is the calendar day in the configured zone
+# ---------------------------------------------------------------------------------------------
+
+
+class DayClock:
+    """Maps a clock to day keys (YYYY-MM-DD) in one time zone; the clock is injectable."""
+
+    def __init__(self, tz: tzinfo | None, now: Callable[[], float] = time.time) -> None:
+        self.tz = tz
+        self.now = now
+        self._day = ""
+        self._start = 0.0
+        self._end = -1.0
+
+    def _midnight(self, d: date) -> float:
+        # A naive datetime (tz None) is read in the machine's local zone, which is the default.
+        return datetime(d.year, d.month, d.day, tzinfo=self.tz).timestamp()
+
+    def today(self) -> str:
+        t = self.now()
+        if not (self._start <= t < self._end):
+            d = datetime.fromtimestamp(t, self.tz).date()
+            self._day = d.isoformat()
+            self._start = self._midnight(d)
+            self._end = self._midnight(d + timedelta(days=1))
+        return self._day
+
+    def seconds_to_midnight(self) -> int:
+        self.today()
+        return max(1, math.ceil(self._end - self.now()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage store
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Counts:
+    """One user's figures for one day: charged requests and tokens, and open reservations."""
+
+    requests: int = 0
+    tokens: int = 0
+    reserved: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+        if self.estimated:
+            out["estimated"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    id: str
+    user: str
+    day: str
+
+
+class UsageStore(abc.ABC):
+    """Per-user daily counters with reservations; every backend keeps limits exact."""
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def reserve(self, user: User, day: str) -> Reservation:
+        """Take one request slot, or raise QuotaExceeded."""
+
+    @abc.abstractmethod
+    async def settle(self, res: Reservation, usage: Usage, info: dict[str, Any]) -> Counts:
+        """Charge a finished call durably; return the user's counts after it."""
+
+    @abc.abstractmethod
+    async def release(self, res: Reservation) -> None:
+        """Give a slot back: the call failed and costs nothing."""
+
+    @abc.abstractmethod
+    def counts(self, user: str, day: str) -> Counts: ...
+
+    @abc.abstractmethod
+    def totals(self, day: str) -> tuple[int, int]: ...
+
+    @abc.abstractmethod
+    async def maintain(self, today: str) -> None:
+        """Periodic housekeeping: free slots of dead processes, write snapshots."""
+
+
+_USER_PREFIX = re.compile(rb'^\{"u":("(?:[^"\\]|\\.)*")')
+_READ_CHUNK = 4 * 1024 * 1024
+
+
+class _Ledger:
+    """One day: an append-only journal shared by every process, replayed into counters.
+
+    Each record is a JSON object on its own line, written with one O_APPEND write. The order
+    of records in the file is the order of events for every process, and whether a
+    reservation is granted is decided from the records before it (limits travel in the
+    record), so all processes reach the same verdict without holding a lock. Records start
+    with a newline as well as ending with one, so a torn write (disk full) stays on a line
+    of its own instead of swallowing the next process's record.
+    """
+
+    def __init__(self, store: JournalStore, day: str) -> None:
+        self.store = store
+        self.day = day
+        self.journal = store.root / f"{day}.jsonl"
+        self.snapshot = store.root / f"{day}.json"
+        self.counters: dict[str, Counts] = {}
+        self.open: dict[str, tuple[str, str]] = {}  # reservation id -> (user, owner)
+        self.decisions: dict[str, str | None] = {}  # our reservation id -> refusal reason
+        self.requests = 0
+        self.tokens = 0
+        self.tainted: dict[str, str] = {}  # user -> why their records cannot be trusted
+        self.tainted_all = ""
+        self.pos = 0  # bytes of the journal consumed (complete lines only)
+        self.snapshot_pos = -1
+        self.unsynced = 0
+        self._partial = b""
+        self._sync: asyncio.Future[None] | None = None
+        try:
+            self.fd = os.open(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot open {self.journal}: {e.strerror}") from None
+        self._load_snapshot()
+        self.catch_up()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _load_snapshot(self) -> None:
+        try:
+            raw = self.snapshot.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StoreError(f"cannot read {self.snapshot}: {e.strerror}") from None
+        size = os.fstat(self.fd).st_size
+        try:
+            snap = json.loads(raw)
+            offset = snap["journal_offset"]
+            users = {
+                u: Counts(int(c["requests"]), int(c["tokens"])) for u, c in snap["users"].items()
+            }
+            opened = {rid: (str(u), str(o)) for rid, (u, o) in snap["open"].items()}
+            tainted = {str(u): str(why) for u, why in snap.get("tainted", {}).items()}
+            tainted_all = str(snap.get("tainted_all", ""))
+            if not isinstance(offset, int) or offset < 0:
+                raise ValueError("bad journal_offset")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            if size > 0:
+                log.warning(
+                    "%s is unreadable (%s); rebuilding from %s", self.snapshot, e, self.journal
+                )
+                return
+            self.tainted_all = f"{self.snapshot.name} is unreadable and its journal is empty"
+            log.error("usage data for %s refused: %s", self.day, self.tainted_all)
+            return
+        if offset > size:
+            self.tainted_all = f"{self.journal.name} is shorter than {self.snapshot.name} records"
+            log.error("usage data for %s refused: %s", self.day, self.tainted_all)
+            return
+        self.counters, self.open = users, opened
+        self.tainted, self.tainted_all = tainted, tainted_all
+        for u, _ in opened.values():
+            self._counter(u).reserved += 1
+        self.requests = sum(c.requests for c in users.values())
+        self.tokens = sum(c.tokens for c in users.values())
+        self.pos = self.snapshot_pos = offset
+
+    def catch_up(self, until: int = 0) -> None:
+        """Apply every complete record appended (by any process) since the last call."""
+        while True:
+            start = self.pos + len(self._partial)
+            size = os.fstat(self.fd).st_size
+            if size <= start:
+                break
+            chunk = os.pread(self.fd, min(size - start, _READ_CHUNK), start)
+            if not chunk:
+                break
+            data = self._partial + chunk
+            end = data.rfind(b"\n") + 1
+            for line in data[:end].split(b"\n"):
+                if line:
+                    self._apply_line(line)
+            self._partial = data[end:]
+            self.pos += end
+        if self.pos < until:
+            # Every write before ours has completed when ours returns (POSIX append on a
+            # local file system), so this means the data dir is on a file system without it.
+            raise StoreError(f"{self.journal} is not append-consistent (network file system?)")
+
+    def _counter(self, user: str) -> Counts:
+        c = self.counters.get(user)
+        if c is None:
+            c = self.counters[user] = Counts()
+        return c
+
+    def _apply_line(self, line: bytes) -> None:
+        try:
+            rec = json.loads(line)
+            self._apply(rec)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._taint(line)
+
+    def _taint(self, line: bytes) -> None:
+        where = f"{self.journal} near byte {self.pos}"
+        m = _USER_PREFIX.match(line)
+        user = None
+        if m:
+            try:
+                user = json.loads(m.group(1))
+            except ValueError:
+                user = None
+        if isinstance(user, str):
+            if user not in self.tainted:
+                self.tainted[user] = f"unreadable record in {where}"
+                log.error(
+                    "usage of user %r for %s cannot be trusted (unreadable record in %s); "
+                    "refusing their calls until an administrator repairs the file and restarts",
+                    user,
+                    self.day,
+                    where,
+                )
+        elif not self.tainted_all:
+            self.tainted_all = f"unreadable record in {where}"
+            log.error(
+                "usage data for %s cannot be trusted (unreadable record in %s); refusing all "
+                "calls for that day until an administrator repairs the file and restarts",
+                self.day,
+                where,
+            )
+
+    def _apply(self, rec: dict[str, Any]) -> None:
+        kind = rec["k"]
+        if kind == "r":
+            user, rid, owner = rec["u"], rec["id"], rec["o"]
+            rl, tl = int(rec["rl"]), int(rec["tl"])
+            c = self._counter(user)
+            reason: str | None = None
+            if self.tainted_all or user in self.tainted:
+                reason = "corrupt"
+            elif c.requests + c.reserved >= rl:
+                reason = "requests"
+            elif c.tokens >= tl:
+                reason = "tokens"
+            else:
+                c.reserved += 1
+                self.open[rid] = (user, owner)
+            if owner == self.store.owner:
+                self.decisions[rid] = reason
+        elif kind == "s":
+            user, n = rec["u"], int(rec["n"])
+            if n < 0:
+                raise ValueError("negative tokens")
+            c = self._counter(user)
+            if self.open.pop(rec["id"], None) is not None:
+                c.reserved -= 1
+            # A settle is charged even if its slot was already freed: the call was answered.
+            c.requests += 1
+            c.tokens += n
+            self.requests += 1
+            self.tokens += n
+        elif kind == "x":
+            entry = self.open.pop(rec["id"], None)
+            if entry is not None:
+                self._counter(entry[0]).reserved -= 1
+        elif kind == "d":
+            owner = rec["o"]
+            for rid in [rid for rid, (_, o) in self.open.items() if o == owner]:
+                self._counter(self.open.pop(rid)[0]).reserved -= 1
+        elif kind == "z":
+            c = self._counter(rec["u"])
+            self.requests -= c.requests
+            self.tokens -= c.tokens
+            c.requests = c.tokens = 0
+        else:
+            raise ValueError(f"unknown record kind {kind!r}")
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def append(self, rec: dict[str, Any]) -> int:
+        """Append one record; return the journal offset just past it."""
+        data = b"\n" + json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        try:
+            written = os.write(self.fd, data)
+            end = os.lseek(self.fd, 0, os.SEEK_CUR)
+        except OSError as e:
+            raise StoreError(f"cannot write {self.journal}: {e.strerror}") from None
+        if written != len(data):
+            raise StoreError(f"short write to {self.journal} (disk full?)")
+        self.unsynced += 1
+        return end
+
+    async def sync(self) -> None:
+        """fsync the journal; concurrent callers share one fsync (group commit)."""
+        while self.unsynced:
+            if self._sync is not None:
+                await self._sync
+                continue
+            pending, self.unsynced = self.unsynced, 0
+            loop = asyncio.get_running_loop()
+            self._sync = loop.run_in_executor(None, os.fdatasync, self.fd)
+            try:
+                await self._sync
+            except OSError as e:
+                self.unsynced += pending
+                raise StoreError(f"cannot fsync {self.journal}: {e.strerror}") from None
+            finally:
+                self._sync = None
+
+    def write_snapshot(self) -> None:
+        """Write the counters as {day}.json if ours are newer than the file's (atomic replace)."""
+        if self.pos <= self.snapshot_pos or self.tainted_all:
+            return
+        lock = filelock.FileLock(str(self.store.root / ".snapshot.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            return  # another process is writing one; ours will be newer next time
+        try:
+            try:
+                theirs = json.loads(self.snapshot.read_bytes())["journal_offset"]
+            except (OSError, ValueError, KeyError, TypeError):
+                theirs = -1
+            if isinstance(theirs, int) and theirs >= self.pos:
+                self.snapshot_pos = theirs
+                return
+            snap = {
+                "day": self.day,
+                "journal_offset": self.pos,
+                "requests": self.requests,
+                "tokens": self.tokens,
+                "users": {
+                    u: {"requests": c.requests, "tokens": c.tokens}
+                    for u, c in sorted(self.counters.items())
+                    if c.requests or c.tokens
+                },
+                "open": {rid: list(entry) for rid, entry in self.open.items()},
+                "tainted": self.tainted,
+            }
+            atomic_write(self.snapshot, json.dumps(snap, ensure_ascii=False, indent=1).encode())
+            self.snapshot_pos = self.pos
+        finally:
+            lock.release()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace path with data so that a crash at any point leaves the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {e.strerror}") from None
+
+
+class JournalStore(UsageStore):
+    """Counters in data/: per-day journals (YYYY-MM-DD.jsonl) with JSON snapshots (.json).
+
+    Several processes may share one data dir on a local file system. Each holds a file lock on
+    data/owners/<id>.lock for its lifetime; when a process dies (even by kill -9) the kernel
+    drops its lock, and the survivors free the slots it had reserved.
+    """
+
+    def __init__(self, root: str, clock: DayClock, fsync: bool = False) -> None:
+        self.root = Path(root)
+        self.clock = clock
+        self.fsync = fsync
+        self.owner = secrets.token_hex(6)
+        self._ledgers: dict[str, _Ledger] = {}
+        self._seq = 0
+        self._owner_lock: filelock.BaseFileLock | None = None
+        self._dead: set[str] = set()
+
+    async def start(self) -> None:
+        try:
+            (self.root / "owners").mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._owner_lock = filelock.FileLock(str(self.root / "owners" / f"{self.owner}.lock"))
+            self._owner_lock.acquire(timeout=5)
+        except (OSError, filelock.Timeout) as e:
+            raise StoreError(f"cannot use data dir {self.root}: {e}") from None
+        self._ledger(self.clock.today())
+
+    async def close(self) -> None:
+        for ledger in list(self._ledgers.values()):
+            try:
+                ledger.catch_up()
+                ledger.write_snapshot()
+            except StoreError as e:
+                log.error("closing %s: %s", ledger.day, e)
+            ledger.close()
+        self._ledgers.clear()
+        if self._owner_lock is not None:
+            (self.root / "owners" / f"{self.owner}.lock").unlink(missing_ok=True)
+            self._owner_lock.release()
+            self._owner_lock = None
+
+    def _ledger(self, day: str) -> _Ledger:
+        ledger = self._ledgers.get(day)
+        if ledger is None:
+            ledger = self._ledgers[day] = _Ledger(self, day)
+        return ledger
+
+    async def reserve(self, user: User, day: str) -> Reservation:
+        ledger = self._ledger(day)
+        ledger.catch_up()
+        c = ledger._counter(user.name)
+        # Charged counts only grow during a day, so a user already at a limit is refused
+        # without a write (a flood of refused calls does not grow the journal).
+        if ledger.tainted_all or user.name in ledger.tainted:
+            raise QuotaExceeded("corrupt", dataclasses.replace(c))
+        if c.requests >= user.daily_request_limit:
+            raise QuotaExceeded("requests", dataclasses.replace(c))
+        if c.tokens >= user.daily_token_limit:
+            raise QuotaExceeded("tokens", dataclasses.replace(c))
+        self._seq += 1
+        rid = f"{self.owner}-{self._seq}"
+        rec = {
+            "u": user.name,
+            "k": "r",
+            "id": rid,
+            "o": self.owner,
+            "rl": user.daily_request_limit,
+            "tl": user.daily_token_limit,
+            "t": round(self.clock.now(), 3),
+        }
+        ledger.catch_up(until=ledger.append(rec))
+        reason = ledger.decisions.pop(rid)
+        if reason is not None:
+            raise QuotaExceeded(reason, dataclasses.replace(c))
+        return Reservation(rid, user.name, day)
+
+    async def settle(self, res: Reservation, usage: Usage, info: dict[str, Any]) -> Counts:
+        ledger = self._ledger(res.day)
+        rec: dict[str, Any] = {
+            "u": res.user,
+            "k": "s",
+            "id": res.id,
+            "n": usage.total_tokens,
+            "p": usage.prompt_tokens,
+            "c": usage.completion_tokens,
+            "t": round(self.clock.now(), 3),
+        }
+        if usage.estimated:
+            rec["e"] = 1
+        rec.update(info)
+        end = ledger.append(rec)
+        if self.fsync:
+            await ledger.sync()
+        ledger.catch_up(until=end)
+        return dataclasses.replace(ledger._counter(res.user))
+
+    async def release(self, res: Reservation) -> None:
+        ledger = self._ledger(res.day)
+        ledger.append({"u": res.user, "k": "x", "id": res.id})
+
+    def counts(self, user: str, day: str) -> Counts:
+        ledger = self._ledger(day)
+        ledger.catch_up()
+        return dataclasses.replace(ledger.counters.get(user) or Counts())
+
+    def totals(self, day: str) -> tuple[int, int]:
+        ledger = self._ledger(day)
+        ledger.catch_up()
+        return ledger.requests, ledger.tokens
+
+    def _owner_alive(self, owner: str) -> bool:
+        if owner == self.owner:
+            return True
+        if owner in self._dead:
+            return False
+        path = self.root / "owners" / f"{owner}.lock"
+        if path.exists():
+            lock = filelock.FileLock(str(path))
+            try:
+                lock.acquire(timeout=0)
+            except filelock.Timeout:
+                return True
+            path.unlink(missing_ok=True)
+            lock.release()
+        self._dead.add(owner)
+        return False
+
+    async def maintain(self, today: str) -> None:
+        self._ledger(today)
+        for day, ledger in list(self._ledgers.items()):
+            ledger.catch_up()
+            for owner in {o for _, o in ledger.open.values()}:
+                if not self._owner_alive(owner):
+                    log.warning("process %s is gone; freeing its reserved slots for %s", owner, day)
+                    ledger.append({"k": "d", "o": owner})
+            ledger.catch_up()
+            ledger.write_snapshot()
+            ours = any(o == self.owner for _, o in ledger.open.values())
+            if day != today and not ours:
+                ledger.close()
+                del self._ledgers[day]
+
+
+# ---------------------------------------------------------------------------------------------
+# Upstream client and the bounded queue
+# ---------------------------------------------------------------------------------------------
+
+
+class Upstream:
+    """Calls the OpenAI-compatible upstream with the team's key."""
+
+    def __init__(self, config: Config) -> None:
+        self.base_url = config.upstream_base_url.rstrip("/")
+        self.api_key = config.upstream_api_key
+        self.timeout = config.upstream_timeout
+        self.connect_timeout = config.upstream_connect_timeout
+        # Tornado's default max_clients=10 would silently cap in-flight calls below --concurrency.
+        self.client = tornado.httpclient.AsyncHTTPClient(
+            force_instance=True, max_clients=max(10, config.concurrency)
+        )
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.api_key)
+
+    async def post_json(self, path: str, body: bytes) -> dict[str, Any]:
+        request = tornado.httpclient.HTTPRequest(
+            self.base_url + path,
+            method="POST",
+            body=body,
+            headers={
+                "Authorization": f"Bearer {self.api_key}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+            request_timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+        )
+        response = await self.client.fetch(request, raise_error=False)
+        if response.code == 599:  # Tornado's code for "no HTTP response": refused, timeout
+            raise UpstreamFailure(None, self._redact(str(response.error)))
+        if not 200 <= response.code < 300:
+            raise UpstreamFailure(response.code, self._redact(_error_message(response.body)))
+        try:
+            reply = json.loads(response.body)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise UpstreamFailure(
+                response.code, "upstream returned a body that is not a JSON object"
+            )
+        return reply
+
+    def _redact(self, text: str) -> str:
+        return redact(text, (self.api_key,))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _error_message(body: bytes | None) -> str:
+    """The upstream's own error message (OpenAI shape), or the start of its body."""
+    text = (body or b"").decode("utf-8", "replace")
+    try:
+        err = json.loads(text).get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])[:1000]
+        if isinstance(err, str):
+            return err[:1000]
+    except (ValueError, AttributeError):
+        pass
+    return text[:300] or "empty response"
+
+
+@dataclass(eq=False)
+class Job:
+    """One upstream call waiting for a worker; `abandoned` is set when the client leaves."""
+
+    call: Callable[[], Awaitable[dict[str, Any]]]
+    future: asyncio.Future[dict[str, Any]] = dataclasses.field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    abandoned: bool = False
+    queued_at: float = dataclasses.field(default_factory=time.monotonic)
+    started_at: float = 0.0
+
+
+class CallQueue:
+    """A bounded tornado.queues.Queue drained by --concurrency workers.
+
+    With size 0 there is no waiting room: a call starts at once if a worker is free and is
+    refused with 503 otherwise.
+    """
+
+    def __init__(self, size: int, concurrency: int) -> None:
+        self.size = size
+        self.concurrency = concurrency
+        self.processing = 0
+        self._queue: tornado.queues.Queue[Job | None] = tornado.queues.Queue(
+            maxsize=size if size > 0 else concurrency
+        )
+        self._workers: list[asyncio.Task[None]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0
+
+    def __len__(self) -> int:
+        """Calls waiting for a worker."""
+        return self._queue.qsize()
+
+    def full(self) -> bool:
+        if self.size > 0:
+            return self._queue.full()
+        return self.processing + self._queue.qsize() >= self.concurrency
+
+    def start(self) -> None:
+        self._workers = [asyncio.ensure_future(self._work()) for _ in range(self.concurrency)]
+
+    def submit(self, job: Job) -> None:
+        """Queue a job or raise tornado.queues.QueueFull."""
+        if self.full():
+            raise tornado.queues.QueueFull()
+        self._queue.put_nowait(job)
+
+    async def _work(self) -> None:
+        async for job in self._queue:
+            try:
+                if job is None:
+                    return
+                if job.abandoned:
+                    job.future.set_exception(ClientGone())
+                    continue
+                self.processing += 1
+                job.started_at = time.monotonic()
+                try:
+                    job.future.set_result(await job.call())
+                except Exception as e:
+                    job.future.set_exception(e)
+                finally:
+                    self.processing -= 1
+            finally:
+                self._queue.task_done()
+
+    async def drain(self) -> None:
+        """Finish every queued call, then stop the workers."""
+        await self._queue.join()
+        for _ in self._workers:
+            await self._queue.put(None)
+        await asyncio.gather(*self._workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The relay pipeline
+# ---------------------------------------------------------------------------------------------
+
+_ASCII = re.compile(r"[\x00-\x7f]")
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count: 4 ASCII characters per token, one token per other character."""
+    ascii_chars = len(_ASCII.findall(text))
+    return math.ceil(ascii_chars / 4) + (len(text) - ascii_chars)
+
+
+def _text_of(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return " ".join(_text_of(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(_text_of(v) for k, v in value.items() if k in ("content", "text"))
+    return ""
+
+
+def usage_of(reply: dict[str, Any], request: dict[str, Any]) -> Usage:
+    """The upstream's usage, or an estimate when it sent none (marked estimated)."""
+    usage = reply.get("usage")
+    if isinstance(usage, dict):
+        p, c, t = (usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+        ints = [v for v in (p, c, t) if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+        if len(ints) == 3:
+            return Usage(p, c, t)  # type: ignore[arg-type]
+        if isinstance(t, int) and not isinstance(t, bool) and t >= 0:
+            p = p if isinstance(p, int) and p >= 0 else 0
+            return Usage(p, max(0, t - p), t)  # type: ignore[operator]
+        if isinstance(p, int) and isinstance(c, int) and p >= 0 and c >= 0:
+            return Usage(p, c, p + c)
+    prompt = estimate_tokens(_text_of(request.get("messages")))
+    choices = reply.get("choices")
+    completion = estimate_tokens(
+        _text_of([ch.get("message") for ch in choices if isinstance(ch, dict)])
+        if isinstance(choices, list)
+        else ""
+    )
+    return Usage(prompt, completion, prompt + completion, estimated=True)
+
+
+def daily_limits(user: User, counts: Counts) -> dict[str, Any]:
+    return {
+        "requests": {
+            "used": counts.requests,
+            "limit": user.daily_request_limit,
+            "remaining": max(0, user.daily_request_limit - counts.requests),
+        },
+        "tokens": {
+            "used": counts.tokens,
+            "limit": user.daily_token_limit,
+            "remaining": max(0, user.daily_token_limit - counts.tokens),
+        },
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    reply: dict[str, Any]
+    usage: Usage
+    counts: Counts
+
+
+class Relay:
+    """authenticate → validate → reserve → queue → call upstream → settle or release."""
+
+    def __init__(
+        self, config: Config, users: UserDirectory, store: UsageStore, clock: DayClock
+    ) -> None:
+        self.config = config
+        self.users = users
+        self.store = store
+        self.clock = clock
+        self.upstream = Upstream(config)
+        self.queue = CallQueue(config.queue_size, config.concurrency)
+        self.stopping = False
+        self.active = 0  # calls between admission and their answer
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def authenticate(self, key: str | None) -> User:
+        if not key:
+            raise GatewayError(401, MSG_BAD_KEY, {"error": "missing API key (X-API-Key header)"})
+        user = self.users.authenticate(key)
+        if user is None:
+            raise GatewayError(401, MSG_BAD_KEY, {"error": "unknown or disabled API key"})
+        return user
+
+    def _admissible(self) -> None:
+        if self.stopping:
+            raise GatewayError(503, MSG_STOPPING, {"error": "the gateway is shutting down"})
+        if not self.upstream.configured:
+            raise GatewayError(
+                500, MSG_CONFIG, {"error": "no upstream API key is configured on the gateway"}
+            )
+        if self.queue.full():
+            raise self._queue_full()
+
+    def _queue_full(self) -> GatewayError:
+        return GatewayError(
+            503,
+            MSG_QUEUE_FULL,
+            {"queue_length": len(self.queue), "queue_size": self.config.queue_size},
+            {"Retry-After": "1"},
+        )
+
+    async def _reserve(self, user: User, day: str) -> Reservation:
+        try:
+            return await self.store.reserve(user, day)
+        except QuotaExceeded as e:
+            if e.reason == "corrupt":
+                raise GatewayError(
+                    500,
+                    MSG_CONFIG,
+                    {"error": "this user's usage records are unreadable; see the gateway log"},
+                ) from None
+            c = e.counts
+            raise GatewayError(
+                429,
+                MSG_REQUEST_LIMIT if e.reason == "requests" else MSG_TOKEN_LIMIT,
+                {
+                    "daily_request_count": c.requests + c.reserved,
+                    "daily_request_limit": user.daily_request_limit,
+                    "daily_token_count": c.tokens,
+                    "daily_token_limit": user.daily_token_limit,
+                },
+                {"Retry-After": str(self.clock.seconds_to_midnight())},
+            ) from None
+        except StoreError as e:
+            log.error("usage store: %s", e)
+            raise _store_failed() from None
+
+    async def call(self, user: User, request: dict[str, Any], job: Job) -> Outcome:
+        """Run one chat call through limits and queue; the caller's Job carries the body."""
+        self._admissible()
+        day = self.clock.today()  # settled against the day it was admitted on
+        res = await self._reserve(user, day)
+        self.active += 1
+        self.idle.clear()
+        try:
+            try:
+                self.queue.submit(job)
+            except tornado.queues.QueueFull:
+                raise self._queue_full() from None
+            try:
+                reply = await job.future
+            except UpstreamFailure as e:
+                log.warning("upstream call for %s failed: %s %s", user.name, e.status, e.error)
+                raise GatewayError(
+                    502, MSG_UPSTREAM, {"upstream_status": e.status, "error": e.error}
+                ) from None
+            usage = usage_of(reply, request)
+            info = {
+                "m": str(request.get("model"))[:100],
+                "ms": round((time.monotonic() - job.queued_at) * 1000),
+            }
+            try:
+                counts = await self.store.settle(res, usage, info)
+            except StoreError as e:
+                log.error("usage store: %s (call for %s not charged)", e, user.name)
+                raise _store_failed() from None
+            res = None  # type: ignore[assignment]
+            return Outcome(reply, usage, counts)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self.idle.set()
+            if res is not None:
+                try:
+                    await self.store.release(res)
+                except StoreError as e:
+                    log.error("usage store: %s (slot of %s stays held until restart)", e, user.name)
+
+    def status(self) -> dict[str, Any]:
+        requests, tokens = self.store.totals(self.clock.today())
+        return {
+            "status": "stopping" if self.stopping else "running",
+            "api_key_configured": self.upstream.configured,
+            "queue_enabled": self.queue.enabled,
+            "stats": {
+                "total_users": len(self.users),
+                "queue_length": len(self.queue),
+                "processing": self.queue.processing,
+                "today_requests": requests,
+                "today_tokens": tokens,
+            },
+        }
+
+
+def _store_failed() -> GatewayError:
+    return GatewayError(
+        500, MSG_CONFIG, {"error": "the usage store cannot be written; see the gateway log"}
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """Strict JSON: UTF-8, an object, no NaN/Infinity or overflowing numbers."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("request body is not valid UTF-8") from None
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as e:
+        raise bad_request(f"request body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise bad_request("request body must be a JSON object")
+    return doc
+
+
+def validate_chat(doc: dict[str, Any]) -> None:
+    model = doc.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad_request("'model' is required and must be a non-empty string", "model")
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' is required and must be a non-empty list", "messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise bad_request("every item of 'messages' must be an object", "messages")
+    if doc.get("stream") not in (None, False):
+        raise bad_request(
+            "streaming is not available on /api/call.php; leave 'stream' unset or false", "stream"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP handlers
+# ---------------------------------------------------------------------------------------------
+
+
+def envelope(success: bool, message: str, data: Any) -> dict[str, Any]:
+    return {"success": success, "message": message, "data": data}
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """JSON everywhere: every response, errors included, is the contract's envelope."""
+
+    relay: Relay
+
+    def initialize(self, relay: Relay) -> None:
+        self.relay = relay
+        self.user: User | None = None
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+
+    def send_json(self, payload: dict[str, Any], status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, GatewayError):
+            # send_error() cleared the headers; put back ours (e.g. Retry-After).
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
+            self.send_json(envelope(False, exc.message, exc.data), exc.status)
+            return
+        message = MESSAGE_BY_STATUS.get(status_code, MSG_INTERNAL)
+        data = None if status_code < 500 else {"error": "internal error; see the gateway log"}
+        self.send_json(envelope(False, message, data), status_code)
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, GatewayError | tornado.web.HTTPError):
+            return  # an answer, not a fault; the access log records it
+        # Tornado would log the request repr (with its URI); ours names only method and path.
+        log.error(
+            "uncaught exception in %s %s",
+            self.request.method,
+            self.request.path,
+            exc_info=(typ, value, tb),
+        )
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path[:200]})
+
+
+class StatusHandler(BaseHandler):
+    def get(self) -> None:
+        try:
+            status = self.relay.status()
+        except StoreError as e:
+            log.error("usage store: %s", e)
+            raise _store_failed() from None
+        self.send_json(envelope(True, "OK", status))
+
+
+@tornado.web.stream_request_body
+class CallHandler(BaseHandler):
+    """POST /api/call.php: the contract's chat relay."""
+
+    def initialize(self, relay: Relay) -> None:  # type: ignore[override]
+        super().initialize(relay)
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._job: Job | None = None
+        self._limit = relay.config.max_body_size
+
+    async def _refuse_too_large(self) -> None:
+        self.set_status(413)
+        self.send_json(envelope(False, MSG_TOO_LARGE, {"max_body_size": self._limit}), 413)
+        # Answer, then drop the connection instead of reading a body we will not use.
+        await self.flush()
+        cast(Any, self.request.connection).stream.close()
+
+    async def prepare(self) -> None:
+        if self.request.method != "POST":
+            return
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self._limit:
+            await self._refuse_too_large()
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self._finished:
+            return
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self._chunks.clear()
+            await self._refuse_too_large()
+            return
+        self._chunks.append(chunk)
+
+    def on_connection_close(self) -> None:
+        if self._job is not None:
+            self._job.abandoned = True
+
+    async def post(self) -> None:
+        relay = self.relay
+        user = self.user = relay.authenticate(self.request.headers.get("X-API-Key"))
+        body = b"".join(self._chunks)
+        request = parse_json_object(body)
+        validate_chat(request)
+        self._job = Job(call=lambda: relay.upstream.post_json("/chat/completions", body))
+        try:
+            outcome = await relay.call(user, request, self._job)
+        except ClientGone:
+            return  # left while queued: nothing was charged, nobody to answer
+        data = {
+            "response": outcome.reply,
+            "usage": outcome.usage.as_dict(),
+            "daily_limits": daily_limits(user, outcome.counts),
+        }
+        self.send_json(envelope(True, MSG_OK, data))
+
+
+class DemoModelHandler(tornado.web.RequestHandler):
+    """--demo only: a local stand-in for the upstream's /chat/completions."""
+
+    def post(self) -> None:
+        try:
+            request = json.loads(self.request.body)
+            messages = request["messages"]
+            last = _text_of(messages[-1]) if messages else ""
+        except (ValueError, KeyError, TypeError, IndexError):
+            self.set_status(400)
+            self.finish(
+                {
+                    "error": {
+                        "message": "bad request to the demo model",
+                        "type": "invalid_request_error",
+                    }
+                }
+            )
+            return
+        content = f"你好!我是演示模型 (demo mock model). You said: {last[:200]}"
+        prompt = estimate_tokens(_text_of(messages))
+        completion = estimate_tokens(content)
+        self.finish(
+            {
+                "id": "chatcmpl-demo" + secrets.token_hex(8),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": str(request.get("model", "demo")),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
+            }
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Application
+# ---------------------------------------------------------------------------------------------
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log: method, path (never the query string), status, user, time."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    user = getattr(handler, "user", None)
+    tornado.log.access_log.log(
+        level,
+        "%d %s %s user=%s %.1fms",
+        status,
+        handler.request.method,
+        handler.request.path,
+        user.name if user else "-",
+        1000.0 * handler.request.request_time(),
+    )
+
+
+def make_app(relay: Relay) -> tornado.web.Application:
+    """The routes; every handler gets the relay (users, store, queue, upstream) injected."""
+    deps = {"relay": relay}
+    routes: list[Any] = [
+        (r"/api/call(?:\.php)?", CallHandler, deps),
+        (r"/api/status(?:\.php)?", StatusHandler, deps),
+    ]
+    if relay.config.demo:
+        routes.append((r"/demo/v1/chat/completions", DemoModelHandler))
+    routes.append((r".*", NotFoundHandler, deps))
+    return tornado.web.Application(routes, log_function=log_request, compress_response=False)
+
+
+class Gateway:
+    """The running service: users, store, relay, HTTP server and periodic chores."""
+
+    def __init__(self, config: Config, now: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = DayClock(config.tz(), now)
+        self.users = UserDirectory(config.users_file, demo=config.demo)
+        self.store = JournalStore(config.data_dir, self.clock, fsync=config.fsync)
+        self.relay: Relay | None = None
+        self.server: tornado.httpserver.HTTPServer | None = None
+        self.port = config.port
+        self._chores: list[asyncio.Task[None]] = []
+
+    async def start(self, sockets: list[Any] | None = None) -> None:
+        """Load users, open the store, start workers and listen (on `sockets` if given)."""
+        config = self.config
+        self.users.load()
+        await self.store.start()
+        if sockets is None:
+            sockets = tornado.netutil.bind_sockets(config.port, config.host)
+        self.port = sockets[0].getsockname()[1]
+        if config.demo:
+            host = config.host if config.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+            config = dataclasses.replace(
+                config,
+                upstream_base_url=f"http://{host}:{self.port}/demo/v1",
+                upstream_api_key="demo-upstream",
+            )
+        self.relay = Relay(config, self.users, self.store, self.clock)
+        self.relay.queue.start()
+        self.server = tornado.httpserver.HTTPServer(
+            make_app(self.relay),
+            xheaders=config.xheaders,
+            max_body_size=max(2 * config.max_body_size, 1024 * 1024),
+            idle_connection_timeout=config.idle_timeout,
+            body_timeout=config.body_timeout,
+        )
+        self.server.add_sockets(sockets)
+        self._chores = [
+            asyncio.ensure_future(self._every(config.reload_interval, self._reload_users)),
+            asyncio.ensure_future(self._every(2.0, self._maintain)),
+        ]
+        await self._maintain()
+
+    @staticmethod
+    async def _every(seconds: float, chore: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await chore()
+            except Exception:
+                log.exception("periodic task failed")
+
+    async def _reload_users(self) -> None:
+        self.users.reload_if_changed()
+
+    async def _maintain(self) -> None:
+        try:
+            await self.store.maintain(self.clock.today())
+        except StoreError as e:
+            log.error("usage store: %s", e)
+
+    async def stop(self) -> None:
+        """Stop accepting, finish queued and in-flight calls, write counters."""
+        assert self.server is not None and self.relay is not None
+        self.server.stop()
+        self.relay.stopping = True
+        try:
+            await asyncio.wait_for(self._drain(), self.config.shutdown_timeout)
+        except TimeoutError:
+            log.warning("shutdown timeout: %d calls still running", self.relay.active)
+        for task in self._chores:
+            task.cancel()
+        await self.store.close()
+        self.relay.upstream.close()
+        await self.server.close_all_connections()
+
+    async def _drain(self) -> None:
+        assert self.relay is not None
+        await self.relay.queue.drain()
+        await self.relay.idle.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def define_options() -> tornado.options.OptionParser:
+    """The options; each is also read from GATEWAY_<NAME> (e.g. GATEWAY_QUEUE_SIZE)."""
+    d = Config()
+    p = tornado.options.OptionParser()
+    p.define("host", d.host, str, "address to listen on; 0.0.0.0 for all interfaces")
+    p.define("port", d.port, int, "port to listen on")
+    p.define("users-file", d.users_file, str, "users file, reloaded when it changes")
+    p.define("data-dir", d.data_dir, str, "directory for counters (YYYY-MM-DD.jsonl/.json)")
+    p.define("upstream-base-url", d.upstream_base_url, str, "OpenAI-compatible base URL")
+    p.define(
+        "upstream-api-key",
+        d.upstream_api_key,
+        str,
+        "the team's upstream key (also UPSTREAM_API_KEY or OPENAI_API_KEY); "
+        "empty: calls answer 500 and status shows api_key_configured false",
+    )
+    p.define("upstream-timeout", d.upstream_timeout, float, "seconds for a whole upstream call")
+    p.define("upstream-connect-timeout", d.upstream_connect_timeout, float, "seconds to connect")
+    p.define(
+        "queue-size",
+        d.queue_size,
+        int,
+        "calls that may wait for a worker; 0 turns the queue off (busy workers -> 503)",
+    )
+    p.define("concurrency", d.concurrency, int, "upstream calls in flight at once (workers)")
+    p.define("timezone", d.timezone, str, "IANA zone for 'today'; empty: the machine's zone")
+    p.define("max-body-size", d.max_body_size, int, "largest request body in bytes (else 413)")
+    p.define("demo", d.demo, bool, "answer with a built-in mock model; enables demo_only users")
+    p.define(
+        "fsync",
+        d.fsync,
+        bool,
+        "fsync each charge before answering (survives power loss; slower). "
+        "false: a process crash loses nothing, a power loss may lose the last seconds",
+    )
+    p.define("reload-interval", d.reload_interval, float, "seconds between users-file checks")
+    p.define(
+        "idle-timeout", d.idle_timeout, float, "seconds an idle or slow-header connection lives"
+    )
+    p.define("body-timeout", d.body_timeout, float, "seconds allowed to send a request body")
+    p.define("shutdown-timeout", d.shutdown_timeout, float, "seconds to finish calls on SIGTERM")
+    p.define("xheaders", d.xheaders, bool, "trust X-Forwarded-For/X-Real-Ip (behind a proxy)")
+    tornado.log.define_logging_options(p)
+    return p
+
+
+def parse_config(argv: list[str], env: dict[str, str]) -> Config:
+    """Options from GATEWAY_* env vars, then the command line (which wins)."""
+    parser = define_options()
+    from_env = []
+    for name in parser:
+        value = env.get("GATEWAY_" + name.upper().replace("-", "_"))
+        if value is not None:
+            from_env.append(f"--{name}={value}")
+    key = env.get("UPSTREAM_API_KEY") or env.get("OPENAI_API_KEY")
+    if key and "GATEWAY_UPSTREAM_API_KEY" not in env:
+        from_env.insert(0, f"--upstream-api-key={key}")
+    rest = parser.parse_command_line(["gateway.py", *from_env, *argv])
+    if rest:
+        raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
+    o = parser.as_dict()
+    fields = {f.name for f in dataclasses.fields(Config)}
+    config = Config(
+        **{k.replace("-", "_"): v for k, v in o.items() if k.replace("-", "_") in fields}
+    )
+    if config.concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    if config.queue_size < 0 or config.max_body_size < 1:
+        raise ConfigError("--queue-size must be >= 0 and --max-body-size >= 1")
+    config.tz()
+    return config
+
+
+async def serve(config: Config) -> None:
+    gateway = Gateway(config)
+    await gateway.start()
+    log.info(
+        "gateway listening on http://%s:%d (%d users, upstream %s%s)",
+        config.host,
+        gateway.port,
+        len(gateway.users),
+        "demo mock model" if config.demo else config.upstream_base_url,
+        "" if config.demo or config.upstream_api_key else ", NO UPSTREAM KEY",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing queued and in-flight calls")
+    await gateway.stop()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_config(sys.argv[1:] if argv is None else argv, dict(os.environ))
+        asyncio.run(serve(config))
+    except (ConfigError, StoreError) as e:
+        log.error("%s", e)
+        print(f"gateway: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
