@@ -926,8 +926,12 @@ class Upstream:
             request_timeout=self.timeout,
             connect_timeout=self.connect_timeout,
         )
-        response = await self.client.fetch(request, raise_error=False)
-        if response.code == 599:  # Tornado's code for "no HTTP response": refused, timeout
+        try:
+            response = await self.client.fetch(request, raise_error=False)
+        except (OSError, tornado.httpclient.HTTPClientError) as e:
+            # No HTTP answer at all: refused, reset, DNS, TLS, or timed out (Tornado's 599).
+            raise UpstreamFailure(None, self._redact(str(e) or type(e).__name__)) from None
+        if response.code == 599:
             raise UpstreamFailure(None, self._redact(str(response.error)))
         if not 200 <= response.code < 300:
             raise UpstreamFailure(response.code, self._redact(_error_message(response.body)))
@@ -978,17 +982,18 @@ class Job:
 class CallQueue:
     """A bounded tornado.queues.Queue drained by --concurrency workers.
 
-    With size 0 there is no waiting room: a call starts at once if a worker is free and is
-    refused with 503 otherwise.
+    At most `concurrency` calls run and `size` more wait; the next is refused with 503.
+    `waiting` counts calls submitted but not yet started (a call handed straight to an idle
+    worker is in neither the queue nor `processing` until that worker runs, so the queue's
+    own size would undercount). With size 0 there is no waiting room.
     """
 
     def __init__(self, size: int, concurrency: int) -> None:
         self.size = size
         self.concurrency = concurrency
+        self.waiting = 0
         self.processing = 0
-        self._queue: tornado.queues.Queue[Job | None] = tornado.queues.Queue(
-            maxsize=size if size > 0 else concurrency
-        )
+        self._queue: tornado.queues.Queue[Job | None] = tornado.queues.Queue()
         self._workers: list[asyncio.Task[None]] = []
 
     @property
@@ -996,13 +1001,12 @@ class CallQueue:
         return self.size > 0
 
     def __len__(self) -> int:
-        """Calls waiting for a worker."""
-        return self._queue.qsize()
+        """Calls waiting because every worker is busy."""
+        return max(0, self.waiting + self.processing - self.concurrency)
 
     def full(self) -> bool:
-        if self.size > 0:
-            return self._queue.full()
-        return self.processing + self._queue.qsize() >= self.concurrency
+        """True when `concurrency` calls run and `size` more wait."""
+        return self.waiting + self.processing >= self.concurrency + self.size
 
     def start(self) -> None:
         self._workers = [asyncio.ensure_future(self._work()) for _ in range(self.concurrency)]
@@ -1011,6 +1015,7 @@ class CallQueue:
         """Queue a job or raise tornado.queues.QueueFull."""
         if self.full():
             raise tornado.queues.QueueFull()
+        self.waiting += 1
         self._queue.put_nowait(job)
 
     async def _work(self) -> None:
@@ -1018,6 +1023,7 @@ class CallQueue:
             try:
                 if job is None:
                     return
+                self.waiting -= 1
                 if job.abandoned:
                     job.future.set_exception(ClientGone())
                     continue

@@ -1,0 +1,328 @@
+"""Shared fixtures: a fake OpenAI-compatible upstream and gateways, all real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.httpclient
+import tornado.httpserver
+import tornado.netutil
+import tornado.testing
+import tornado.web
+import yaml
+
+import gateway
+
+ROOT = Path(__file__).resolve().parent.parent
+# Canary secrets: tests assert that none of them ever shows up in logs, responses or data/.
+UPSTREAM_KEY = "sk-upstream-CANARY-9b1e4f7d2c"
+ALICE_KEY = "sk-alice-CANARY-51c0ffee77aa"
+BOB_KEY = "sk-bob-CANARY-0d15ea5e1234"
+CAROL_KEY = "sk-carol-CANARY-feedface9876"
+ALL_SECRETS = (UPSTREAM_KEY, ALICE_KEY, BOB_KEY, CAROL_KEY)
+
+
+def users_yaml(users: dict[str, dict[str, Any]], defaults: dict[str, int] | None = None) -> str:
+    return yaml.safe_dump({"defaults": defaults or {}, "users": users}, allow_unicode=True)
+
+
+DEFAULT_USERS = {
+    "alice": {"api_key": ALICE_KEY, "daily_request_limit": 20, "daily_token_limit": 100000},
+    "bob": {"api_key": BOB_KEY, "enabled": False},
+    # carol's key is stored only as its SHA-256
+    "carol": {"api_key_sha256": __import__("hashlib").sha256(CAROL_KEY.encode()).hexdigest()},
+}
+
+
+# ---------------------------------------------------------------- fake upstream
+
+
+@dataclass
+class FakeUpstream:
+    """An OpenAI-compatible server whose behaviour each test sets through attributes."""
+
+    port: int = 0
+    delay: float = 0.0
+    status: int = 200
+    body: bytes | None = None  # raw body to return instead of a chat completion
+    usage: dict[str, Any] | None = field(
+        default_factory=lambda: {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    )
+    headers: dict[str, str] = field(default_factory=dict)
+    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    server: tornado.httpserver.HTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+class _ChatHandler(tornado.web.RequestHandler):
+    def initialize(self, fake: FakeUpstream) -> None:
+        self.fake = fake
+
+    async def post(self) -> None:
+        fake = self.fake
+        fake.requests.append((dict(self.request.headers), self.request.body))
+        fake.in_flight += 1
+        fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+        try:
+            if fake.delay:
+                await asyncio.sleep(fake.delay)
+        finally:
+            fake.in_flight -= 1
+        self.set_status(fake.status)
+        for k, v in fake.headers.items():
+            self.set_header(k, v)
+        if fake.body is not None:
+            self.finish(fake.body)
+            return
+        if fake.status != 200:
+            self.finish({"error": {"message": f"upstream says no ({fake.status})", "type": "x"}})
+            return
+        request = json.loads(self.request.body)
+        reply: dict[str, Any] = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "model": request.get("model"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "pong"},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        if fake.usage is not None:
+            reply["usage"] = fake.usage
+        self.finish(reply)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    fake = FakeUpstream()
+    app = tornado.web.Application([(r"/v1/chat/completions", _ChatHandler, {"fake": fake})])
+    sock, fake.port = tornado.testing.bind_unused_port("127.0.0.1")
+    fake.server = tornado.httpserver.HTTPServer(app)
+    fake.server.add_sockets([sock])
+    yield fake
+    fake.server.stop()
+    await fake.server.close_all_connections()
+
+
+# ---------------------------------------------------------------- in-process gateways
+
+
+class Clock:
+    """An injectable clock for the gateway; starts at the real time."""
+
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Client:
+    """Talks HTTP to one gateway."""
+
+    base: str
+    http: tornado.httpclient.AsyncHTTPClient
+
+    async def call(
+        self,
+        body: Any = None,
+        key: str | None = ALICE_KEY,
+        path: str = "/api/call.php",
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        method: str = "POST",
+    ) -> tuple[int, dict[str, Any], Any]:
+        if body is None and raw is None:
+            body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "ping"}]}
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if key is not None:
+            h["X-API-Key"] = key
+        data = raw if raw is not None else json.dumps(body).encode()
+        resp = await self.http.fetch(
+            self.base + path,
+            method=method,
+            body=data if method == "POST" else None,
+            headers=h,
+            raise_error=False,
+            request_timeout=60,
+        )
+        assert resp.code != 599, resp.error
+        return resp.code, json.loads(resp.body), resp.headers
+
+    async def status(self) -> dict[str, Any]:
+        resp = await self.http.fetch(self.base + "/api/status.php", raise_error=False)
+        assert resp.code == 200, resp.body
+        return json.loads(resp.body)["data"]
+
+
+@dataclass
+class Env:
+    tmp: Path
+    upstream: FakeUpstream
+    clock: Clock
+    gateways: list[gateway.Gateway] = field(default_factory=list)
+    http: tornado.httpclient.AsyncHTTPClient = field(
+        default_factory=lambda: tornado.httpclient.AsyncHTTPClient(
+            force_instance=True, max_clients=500
+        )
+    )
+
+    @property
+    def data_dir(self) -> Path:
+        return self.tmp / "data"
+
+    @property
+    def users_file(self) -> Path:
+        return self.tmp / "users.yaml"
+
+    def write_users(self, users: dict[str, dict[str, Any]] | None = None, **defaults: int) -> None:
+        self.users_file.write_text(users_yaml(users or DEFAULT_USERS, defaults or None))
+
+    def config(self, **overrides: Any) -> gateway.Config:
+        base = dict(
+            host="127.0.0.1",
+            port=0,
+            users_file=str(self.users_file),
+            data_dir=str(self.data_dir),
+            upstream_base_url=self.upstream.url,
+            upstream_api_key=UPSTREAM_KEY,
+            upstream_timeout=5.0,
+            reload_interval=0.1,
+            timezone="Asia/Shanghai",
+        )
+        base.update(overrides)
+        return gateway.Config(**base)
+
+    async def start(self, **overrides: Any) -> Client:
+        if not self.users_file.exists():
+            self.write_users()
+        gw = gateway.Gateway(self.config(**overrides), now=self.clock)
+        sock, _ = tornado.testing.bind_unused_port("127.0.0.1")
+        await gw.start(sockets=[sock])
+        self.gateways.append(gw)
+        return Client(f"http://127.0.0.1:{gw.port}", self.http)
+
+    async def stop(self, gw: gateway.Gateway | None = None) -> None:
+        for g in [gw] if gw else list(self.gateways):
+            self.gateways.remove(g)
+            await g.stop()
+
+
+@pytest.fixture
+async def env(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Env]:
+    e = Env(tmp_path, upstream, Clock())
+    yield e
+    for g in list(e.gateways):
+        await e.stop(g)
+    e.http.close()
+
+
+def data_text(data_dir: Path) -> str:
+    """Everything under data/, as text, for secret scans."""
+    return "\n".join(
+        p.read_bytes().decode("utf-8", "replace") for p in data_dir.rglob("*") if p.is_file()
+    )
+
+
+# ---------------------------------------------------------------- gateway subprocesses
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """`python gateway.py` as a real process, with its log in a file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "gateway.py"), f"--port={self.port}", *args],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        http = tornado.httpclient.AsyncHTTPClient()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited: {self.log_path.read_text()}")
+            try:
+                resp = await http.fetch(self.base + "/api/status.php", raise_error=False)
+                if resp.code == 200:
+                    return
+            except OSError:
+                pass
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"gateway not ready: {self.log_path.read_text()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError("gateway did not exit")
+            await asyncio.sleep(0.02)
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def procs() -> Callable[..., Proc]:
+    started: list[Proc] = []
+
+    def start(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Proc:
+        p = Proc(args, log_path, env)
+        started.append(p)
+        return p
+
+    yield start  # type: ignore[misc]
+    for p in started:
+        p.kill()
+        p.proc.wait(timeout=10)
+        p.log.close()
+
+
+def proc_args(e: Env, *extra: str) -> list[str]:
+    return [
+        "--host=127.0.0.1",
+        f"--users-file={e.users_file}",
+        f"--data-dir={e.data_dir}",
+        f"--upstream-base-url={e.upstream.url}",
+        "--timezone=Asia/Shanghai",
+        "--reload-interval=0.2",
+        *extra,
+    ]
