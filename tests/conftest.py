@@ -1,4 +1,4 @@
-"""Shared fixtures: a fake OpenAI-compatible upstream and gateways, all real servers on 127.0.0.1."""
+"""Shared fixtures: a fake OpenAI-compatible upstream and gateways, real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -147,6 +147,7 @@ class Client:
     async def call(
         self,
         body: Any = None,
+        *,
         key: str | None = ALICE_KEY,
         path: str = "/api/call.php",
         raw: bytes | None = None,
@@ -260,7 +261,7 @@ class Proc:
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log_path = log_path
-        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.log = open(log_path, "ab")  # closed in wait() or by the fixture
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "gateway.py"), f"--port={self.port}", *args],
             cwd=ROOT,
