@@ -1,4 +1,4 @@
-"""'Today' is the calendar day in the configured zone; calls settle on the day they were admitted."""
+"""'Today' is the calendar day in the configured zone; a call settles on its admission day."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-import gateway
 from conftest import ALICE_KEY, Env
+
+import gateway
 
 VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
 SHANGHAI = ZoneInfo("Asia/Shanghai")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import logging
+import re
 
 import pytest
 import yaml
+from conftest import ALICE_KEY, BOB_KEY, ROOT, Env
 
 import gateway
-from conftest import ALICE_KEY, BOB_KEY, Env
 
 VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -105,8 +105,6 @@ def test_demo_only_users_exist_only_in_demo_mode() -> None:
 
 
 def test_shipped_users_yaml_is_valid() -> None:
-    from conftest import ROOT
-
     text = (ROOT / "users.yaml").read_text()
     assert list(gateway.parse_users(text, demo=True)) == ["demo"]
     assert gateway.parse_users(text) == {}
