@@ -1674,10 +1674,13 @@ async def serve(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(sys.argv[1:] if argv is None else argv, dict(os.environ))
+    except (ConfigError, tornado.options.Error) as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return 2
+    try:
         asyncio.run(serve(config))
     except (ConfigError, StoreError) as e:
-        log.error("%s", e)
-        print(f"gateway: {e}", file=sys.stderr)
+        log.error("cannot start: %s", e)
         return 2
     return 0
 

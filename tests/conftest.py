@@ -318,6 +318,8 @@ def procs() -> Callable[..., Proc]:
 
 
 def proc_args(e: Env, *extra: str) -> list[str]:
+    if not e.users_file.exists():
+        e.write_users()
     return [
         "--host=127.0.0.1",
         f"--users-file={e.users_file}",
