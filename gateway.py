@@ -818,7 +818,12 @@ class JournalStore(UsageStore):
             "tl": user.daily_token_limit,
             "t": round(self.clock.now(), 3),
         }
-        ledger.catch_up(until=ledger.append(rec))
+        end = ledger.append(rec)
+        try:
+            ledger.catch_up(until=end)
+        except StoreError:
+            ledger.append({"u": user.name, "k": "x", "id": rid})  # the slot may have been granted
+            raise
         reason = ledger.decisions.pop(rid)
         if reason is not None:
             raise QuotaExceeded(reason, dataclasses.replace(c))
@@ -1411,7 +1416,7 @@ class CallHandler(BaseHandler):
         self.send_json(envelope(True, MSG_OK, data))
 
 
-class DemoModelHandler(tornado.web.RequestHandler):
+class DemoModelHandler(BaseHandler):
     """--demo only: a local stand-in for the upstream's /chat/completions."""
 
     def post(self) -> None:
@@ -1420,20 +1425,13 @@ class DemoModelHandler(tornado.web.RequestHandler):
             messages = request["messages"]
             last = _text_of(messages[-1]) if messages else ""
         except (ValueError, KeyError, TypeError, IndexError):
-            self.set_status(400)
-            self.finish(
-                {
-                    "error": {
-                        "message": "bad request to the demo model",
-                        "type": "invalid_request_error",
-                    }
-                }
-            )
+            error = {"message": "bad request to the demo model", "type": "invalid_request_error"}
+            self.send_json({"error": error}, 400)
             return
         content = f"你好!我是演示模型 (demo mock model). You said: {last[:200]}"
         prompt = estimate_tokens(_text_of(messages))
         completion = estimate_tokens(content)
-        self.finish(
+        self.send_json(
             {
                 "id": "chatcmpl-demo" + secrets.token_hex(8),
                 "object": "chat.completion",
@@ -1484,7 +1482,7 @@ def make_app(relay: Relay) -> tornado.web.Application:
         (r"/api/status(?:\.php)?", StatusHandler, deps),
     ]
     if relay.config.demo:
-        routes.append((r"/demo/v1/chat/completions", DemoModelHandler))
+        routes.append((r"/demo/v1/chat/completions", DemoModelHandler, deps))
     routes.append((r".*", NotFoundHandler, deps))
     return tornado.web.Application(routes, log_function=log_request, compress_response=False)
 
