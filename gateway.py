@@ -454,9 +454,6 @@ class UsageStore(abc.ABC):
         """Give a slot back: the call failed and costs nothing."""
 
     @abc.abstractmethod
-    def counts(self, user: str, day: str) -> Counts: ...
-
-    @abc.abstractmethod
     def totals(self, day: str) -> tuple[int, int]: ...
 
     @abc.abstractmethod
@@ -540,7 +537,7 @@ class _Ledger:
         self.counters, self.open = users, opened
         self.tainted, self.tainted_all = tainted, tainted_all
         for u, _ in opened.values():
-            self._counter(u).reserved += 1
+            self.counter(u).reserved += 1
         self.requests = sum(c.requests for c in users.values())
         self.tokens = sum(c.tokens for c in users.values())
         self.pos = self.snapshot_pos = offset
@@ -567,7 +564,7 @@ class _Ledger:
             # local file system), so this means the data dir is on a file system without it.
             raise StoreError(f"{self.journal} is not append-consistent (network file system?)")
 
-    def _counter(self, user: str) -> Counts:
+    def counter(self, user: str) -> Counts:
         c = self.counters.get(user)
         if c is None:
             c = self.counters[user] = Counts()
@@ -613,7 +610,7 @@ class _Ledger:
         if kind == "r":
             user, rid, owner = rec["u"], rec["id"], rec["o"]
             rl, tl = int(rec["rl"]), int(rec["tl"])
-            c = self._counter(user)
+            c = self.counter(user)
             reason: str | None = None
             if self.tainted_all or user in self.tainted:
                 reason = "corrupt"
@@ -630,7 +627,7 @@ class _Ledger:
             user, n = rec["u"], int(rec["n"])
             if n < 0:
                 raise ValueError("negative tokens")
-            c = self._counter(user)
+            c = self.counter(user)
             if self.open.pop(rec["id"], None) is not None:
                 c.reserved -= 1
             # A settle is charged even if its slot was already freed: the call was answered.
@@ -641,16 +638,11 @@ class _Ledger:
         elif kind == "x":
             entry = self.open.pop(rec["id"], None)
             if entry is not None:
-                self._counter(entry[0]).reserved -= 1
+                self.counter(entry[0]).reserved -= 1
         elif kind == "d":
             owner = rec["o"]
             for rid in [rid for rid, (_, o) in self.open.items() if o == owner]:
-                self._counter(self.open.pop(rid)[0]).reserved -= 1
-        elif kind == "z":
-            c = self._counter(rec["u"])
-            self.requests -= c.requests
-            self.tokens -= c.tokens
-            c.requests = c.tokens = 0
+                self.counter(self.open.pop(rid)[0]).reserved -= 1
         else:
             raise ValueError(f"unknown record kind {kind!r}")
 
@@ -798,7 +790,7 @@ class JournalStore(UsageStore):
     async def reserve(self, user: User, day: str) -> Reservation:
         ledger = self._ledger(day)
         ledger.catch_up()
-        c = ledger._counter(user.name)
+        c = ledger.counter(user.name)
         # Charged counts only grow during a day, so a user already at a limit is refused
         # without a write (a flood of refused calls does not grow the journal).
         if ledger.tainted_all or user.name in ledger.tainted:
@@ -847,16 +839,11 @@ class JournalStore(UsageStore):
         if self.fsync:
             await ledger.sync()
         ledger.catch_up(until=end)
-        return dataclasses.replace(ledger._counter(res.user))
+        return dataclasses.replace(ledger.counter(res.user))
 
     async def release(self, res: Reservation) -> None:
         ledger = self._ledger(res.day)
         ledger.append({"u": res.user, "k": "x", "id": res.id})
-
-    def counts(self, user: str, day: str) -> Counts:
-        ledger = self._ledger(day)
-        ledger.catch_up()
-        return dataclasses.replace(ledger.counters.get(user) or Counts())
 
     def totals(self, day: str) -> tuple[int, int]:
         ledger = self._ledger(day)
