@@ -490,9 +490,10 @@ class _Ledger:
         self.tainted_all = ""
         self.pos = 0  # bytes of the journal consumed (complete lines only)
         self.snapshot_pos = -1
-        self.unsynced = 0
+        self.written = 0  # records appended by this process
+        self.synced = 0  # of those, how many are known to be on disk
         self._partial = b""
-        self._sync: asyncio.Future[None] | None = None
+        self._sync: asyncio.Task[None] | None = None
         try:
             self.fd = os.open(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as e:
@@ -658,25 +659,27 @@ class _Ledger:
             raise StoreError(f"cannot write {self.journal}: {e.strerror}") from None
         if written != len(data):
             raise StoreError(f"short write to {self.journal} (disk full?)")
-        self.unsynced += 1
+        self.written += 1
         return end
 
     async def sync(self) -> None:
-        """fsync the journal; concurrent callers share one fsync (group commit)."""
-        while self.unsynced:
-            if self._sync is not None:
-                await self._sync
-                continue
-            pending, self.unsynced = self.unsynced, 0
-            loop = asyncio.get_running_loop()
-            self._sync = loop.run_in_executor(None, os.fdatasync, self.fd)
-            try:
-                await self._sync
-            except OSError as e:
-                self.unsynced += pending
-                raise StoreError(f"cannot fsync {self.journal}: {e.strerror}") from None
-            finally:
-                self._sync = None
+        """fsync the journal up to now; concurrent callers share one fsync (group commit)."""
+        target = self.written
+        while self.synced < target:
+            if self._sync is None:
+                self._sync = asyncio.ensure_future(self._fsync())
+            await self._sync
+
+    async def _fsync(self) -> None:
+        upto = self.written
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self.fd)
+            self.synced = max(self.synced, upto)
+        except OSError as e:
+            raise StoreError(f"cannot fsync {self.journal}: {e.strerror}") from None
+        finally:
+            # Cleared before this task completes, so a woken waiter never awaits a done task.
+            self._sync = None
 
     def write_snapshot(self) -> None:
         """Write the counters as {day}.json if ours are newer than the file's (atomic replace)."""
