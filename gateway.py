@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
@@ -32,6 +33,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import filelock
 import tornado.httpclient
 import tornado.httpserver
+import tornado.httputil
+import tornado.iostream
 import tornado.log
 import tornado.netutil
 import tornado.options
@@ -168,6 +171,7 @@ class Config:
     body_timeout: float = 60.0
     shutdown_timeout: float = 30.0
     xheaders: bool = False
+    models: str = ""
 
     def tz(self) -> tzinfo | None:
         """The configured zone, or None for the machine's local zone."""
@@ -452,6 +456,9 @@ class UsageStore(abc.ABC):
     @abc.abstractmethod
     async def release(self, res: Reservation) -> None:
         """Give a slot back: the call failed and costs nothing."""
+
+    @abc.abstractmethod
+    def counts(self, user: str, day: str) -> Counts: ...
 
     @abc.abstractmethod
     def totals(self, day: str) -> tuple[int, int]: ...
@@ -848,6 +855,11 @@ class JournalStore(UsageStore):
         ledger = self._ledger(res.day)
         ledger.append({"u": res.user, "k": "x", "id": res.id})
 
+    def counts(self, user: str, day: str) -> Counts:
+        ledger = self._ledger(day)
+        ledger.catch_up()
+        return dataclasses.replace(ledger.counters.get(user) or Counts())
+
     def totals(self, day: str) -> tuple[int, int]:
         ledger = self._ledger(day)
         ledger.catch_up()
@@ -908,19 +920,23 @@ class Upstream:
     def configured(self) -> bool:
         return bool(self.api_key)
 
-    async def post_json(self, path: str, body: bytes) -> dict[str, Any]:
-        request = tornado.httpclient.HTTPRequest(
+    def _request(self, path: str, method: str = "GET", **kwargs: Any) -> Any:
+        return tornado.httpclient.HTTPRequest(
             self.base_url + path,
-            method="POST",
-            body=body,
+            method=method,
             headers={
                 "Authorization": f"Bearer {self.api_key}",
                 "Content-Type": "application/json",
-                "Accept": "application/json",
+                "Accept": "text/event-stream"
+                if "streaming_callback" in kwargs
+                else "application/json",
             },
             request_timeout=self.timeout,
             connect_timeout=self.connect_timeout,
+            **kwargs,
         )
+
+    async def _fetch(self, request: tornado.httpclient.HTTPRequest) -> Any:
         try:
             response = await self.client.fetch(request, raise_error=False)
         except (OSError, tornado.httpclient.HTTPClientError) as e:
@@ -939,6 +955,38 @@ class Upstream:
                 response.code, "upstream returned a body that is not a JSON object"
             )
         return reply
+
+    async def post_json(self, path: str, body: bytes) -> dict[str, Any]:
+        """POST a JSON body; the reply must be a JSON object (else UpstreamFailure)."""
+        reply: dict[str, Any] = await self._fetch(self._request(path, "POST", body=body))
+        return reply
+
+    async def get_json(self, path: str) -> dict[str, Any]:
+        reply: dict[str, Any] = await self._fetch(self._request(path))
+        return reply
+
+    async def stream(
+        self,
+        path: str,
+        body: bytes,
+        on_header: Callable[[str], None],
+        on_chunk: Callable[[bytes], Awaitable[None]],
+    ) -> str | None:
+        """POST and feed the answer to the callbacks as it arrives; return an error or None.
+
+        An awaited on_chunk pauses reading, so a slow client slows the upstream instead of
+        filling memory.
+        """
+        request = self._request(
+            path, "POST", body=body, header_callback=on_header, streaming_callback=on_chunk
+        )
+        try:
+            response = await self.client.fetch(request, raise_error=False)
+        except ClientLeft:
+            return None
+        except (OSError, tornado.httpclient.HTTPClientError, tornado.httputil.HTTPInputError) as e:
+            return self._redact(str(e) or type(e).__name__)
+        return self._redact(str(response.error)) if response.code == 599 else None
 
     def _redact(self, text: str) -> str:
         return redact(text, (self.api_key,))
@@ -961,12 +1009,27 @@ def _error_message(body: bytes | None) -> str:
     return text[:300] or "empty response"
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What an upstream call produced: a JSON reply (None for a stream) and its usage.
+
+    `complete` is False for a stream that broke or whose client left; `done` is True when
+    the upstream ended its stream with `data: [DONE]`, which is relayed after the charge.
+    """
+
+    reply: dict[str, Any] | None
+    usage: Usage
+    complete: bool = True
+    done: bool = False
+
+
 @dataclass(eq=False)
 class Job:
     """One upstream call waiting for a worker; `abandoned` is set when the client leaves."""
 
-    call: Callable[[], Awaitable[dict[str, Any]]]
-    future: asyncio.Future[dict[str, Any]] = dataclasses.field(
+    call: Callable[[], Awaitable[Answer]]
+    model: str = ""
+    future: asyncio.Future[Answer] = dataclasses.field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     abandoned: bool = False
@@ -1064,26 +1127,44 @@ def _text_of(value: Any) -> str:
     return ""
 
 
+def _prompt_text(request: dict[str, Any]) -> str:
+    """The text a request sends: chat messages, a completion prompt or embedding input."""
+    for field in ("messages", "prompt", "input"):
+        if field in request:
+            return _text_of(request[field])
+    return ""
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _exact_usage(usage: Any) -> Usage | None:
+    """The upstream's usage object as Usage, if it holds usable counts."""
+    if not isinstance(usage, dict):
+        return None
+    p, c, t = (_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+    if t is not None:
+        p = p if p is not None and p <= t else 0
+        return Usage(p, c if c is not None and p + c == t else t - p, t)
+    if p is not None and c is not None:
+        return Usage(p, c, p + c)
+    return None
+
+
 def usage_of(reply: dict[str, Any], request: dict[str, Any]) -> Usage:
     """The upstream's usage, or an estimate when it sent none (marked estimated)."""
-    usage = reply.get("usage")
-    if isinstance(usage, dict):
-        p, c, t = (usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
-        ints = [v for v in (p, c, t) if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
-        if len(ints) == 3:
-            return Usage(p, c, t)  # type: ignore[arg-type]
-        if isinstance(t, int) and not isinstance(t, bool) and t >= 0:
-            p = p if isinstance(p, int) and p >= 0 else 0
-            return Usage(p, max(0, t - p), t)  # type: ignore[operator]
-        if isinstance(p, int) and isinstance(c, int) and p >= 0 and c >= 0:
-            return Usage(p, c, p + c)
-    prompt = estimate_tokens(_text_of(request.get("messages")))
+    usage = _exact_usage(reply.get("usage"))
+    if usage is not None:
+        return usage
+    prompt = estimate_tokens(_prompt_text(request))
     choices = reply.get("choices")
-    completion = estimate_tokens(
-        _text_of([ch.get("message") for ch in choices if isinstance(ch, dict)])
-        if isinstance(choices, list)
-        else ""
-    )
+    texts = [
+        _text_of(ch.get("message") or ch.get("text"))
+        for ch in (choices if isinstance(choices, list) else [])
+        if isinstance(ch, dict)
+    ]
+    completion = estimate_tokens(" ".join(texts))
     return Usage(prompt, completion, prompt + completion, estimated=True)
 
 
@@ -1102,10 +1183,157 @@ def daily_limits(user: User, counts: Counts) -> dict[str, Any]:
     }
 
 
+class StreamSink(abc.ABC):
+    """Where a relayed stream goes: the client's connection."""
+
+    gone: bool
+
+    @abc.abstractmethod
+    def start_stream(self) -> None:
+        """Send the 200 and event-stream headers."""
+
+    @abc.abstractmethod
+    async def send(self, data: bytes) -> None:
+        """Write and flush; raise ClientLeft if the client has gone."""
+
+
+class ClientLeft(tornado.httputil.HTTPInputError):
+    """Raised inside the upstream's streaming callback to abort it when the client has gone.
+
+    An HTTPInputError, because Tornado's HTTP client lets that type through its callback
+    wrapper without logging a traceback, and then closes the upstream connection.
+    """
+
+
+class _HideClientLeft(logging.Filter):
+    """Tornado logs an aborted upstream read as a "Malformed HTTP message"; ours is not one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(isinstance(arg, ClientLeft) for arg in record.args or ())
+
+
+_HIDE_CLIENT_LEFT = _HideClientLeft()
+
+
+class SSERelay:
+    """Relays one upstream Server-Sent Events stream event by event and works out its usage.
+
+    Events are forwarded as they arrive. The usage chunk the gateway asked for is dropped
+    unless the client asked for it too. `data: [DONE]` is held back: the caller sends it
+    after the charge is written, so a stream that completes is always a charged one.
+    """
+
+    def __init__(self, sink: StreamSink, request: dict[str, Any], strip_usage: bool) -> None:
+        self.sink = sink
+        self.request = request
+        self.strip_usage = strip_usage
+        self.status = 0
+        self.content_type = ""
+        self.started = False
+        self.done = False  # the upstream sent [DONE]
+        self.finished = False  # the upstream sent a finish_reason
+        self.usage: Usage | None = None
+        self._buffer = b""
+        self._error_body = bytearray()
+        self._ascii = 0
+        self._other = 0
+
+    def on_header(self, line: str) -> None:
+        if line.startswith("HTTP/"):
+            self.status = tornado.httputil.parse_response_start_line(line.strip()).code
+        elif line[:13].lower() == "content-type:":
+            self.content_type = line[13:].strip().lower()
+
+    async def on_chunk(self, chunk: bytes) -> None:
+        if self.sink.gone:
+            raise ClientLeft("client disconnected; upstream call cancelled")
+        if not (200 <= self.status < 300 and self.content_type.startswith("text/event-stream")):
+            if len(self._error_body) < 65536:
+                self._error_body += chunk[:65536]
+            return
+        if not self.started:
+            self.started = True
+            self.sink.start_stream()
+        # Normalized after joining, so a CRLF split across two chunks is still seen.
+        self._buffer = (self._buffer + chunk).replace(b"\r\n", b"\n")
+        out = []
+        while (end := self._buffer.find(b"\n\n")) >= 0:
+            event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+            if self._inspect(event):
+                out.append(event + b"\n\n")
+        if out:
+            await self.sink.send(b"".join(out))
+
+    def _inspect(self, event: bytes) -> bool:
+        """Note what an event says; return whether to forward it now."""
+        data = [
+            line[6:] if line.startswith(b"data: ") else line[5:]
+            for line in event.split(b"\n")
+            if line.startswith(b"data:")
+        ]
+        if not data:
+            return True  # a comment or keep-alive
+        payload = b"\n".join(data)
+        if payload.strip() == b"[DONE]":
+            self.done = True
+            return False
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        usage = _exact_usage(obj.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        choices = obj.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            text = _text_of(delta) if isinstance(delta, dict) else _text_of(choice.get("text"))
+            ascii_chars = len(_ASCII.findall(text))
+            self._ascii += ascii_chars
+            self._other += len(text) - ascii_chars
+            if choice.get("finish_reason"):
+                self.finished = True
+        return not (self.strip_usage and usage is not None and not choices)
+
+    def partial_usage(self) -> Usage:
+        """Prompt plus what was generated so far, estimated."""
+        prompt = estimate_tokens(_prompt_text(self.request))
+        completion = math.ceil(self._ascii / 4) + self._other
+        return Usage(prompt, completion, prompt + completion, estimated=True)
+
+    async def finish(self, error: str | None) -> Answer:
+        """Judge the ended stream; raise UpstreamFailure if nothing reached the client."""
+        if self.sink.gone:
+            return Answer(None, self.usage or self.partial_usage(), complete=False)
+        if not self.started:
+            if error is not None:
+                raise UpstreamFailure(None, error)
+            if not 200 <= self.status < 300:
+                raise UpstreamFailure(self.status, _error_message(bytes(self._error_body)))
+            raise UpstreamFailure(
+                self.status, "upstream did not answer the stream request with an event stream"
+            )
+        if error is None and (self.done or self.finished):
+            return Answer(None, self.usage or self.partial_usage(), done=self.done)
+        reason = error or "upstream closed the stream before it was complete"
+        event = {"error": {"message": f"{MSG_UPSTREAM}: {reason}", "type": "upstream_error"}}
+        event["error"]["code"] = "stream_interrupted"
+        try:
+            await self.sink.send(
+                b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+            )
+        except ClientLeft:
+            pass
+        return Answer(None, self.usage or self.partial_usage(), complete=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    reply: dict[str, Any]
-    usage: Usage
+    answer: Answer
     counts: Counts
 
 
@@ -1125,10 +1353,11 @@ class Relay:
         self.active = 0  # calls between admission and their answer
         self.idle = asyncio.Event()
         self.idle.set()
+        self._models: tuple[float, dict[str, Any]] | None = None
 
     def authenticate(self, key: str | None) -> User:
         if not key:
-            raise GatewayError(401, MSG_BAD_KEY, {"error": "missing API key (X-API-Key header)"})
+            raise GatewayError(401, MSG_BAD_KEY, {"error": "missing API key"})
         user = self.users.authenticate(key)
         if user is None:
             raise GatewayError(401, MSG_BAD_KEY, {"error": "unknown or disabled API key"})
@@ -1178,8 +1407,8 @@ class Relay:
             log.error("usage store: %s", e)
             raise _store_failed() from None
 
-    async def call(self, user: User, request: dict[str, Any], job: Job) -> Outcome:
-        """Run one chat call through limits and queue; the caller's Job carries the body."""
+    async def call(self, user: User, job: Job) -> Outcome:
+        """Run one upstream call through limits and queue; the Job knows how to make it."""
         self._admissible()
         day = self.clock.today()  # settled against the day it was admitted on
         res = await self._reserve(user, day)
@@ -1191,24 +1420,25 @@ class Relay:
             except tornado.queues.QueueFull:
                 raise self._queue_full() from None
             try:
-                reply = await job.future
+                answer = await job.future
             except UpstreamFailure as e:
                 log.warning("upstream call for %s failed: %s %s", user.name, e.status, e.error)
                 raise GatewayError(
                     502, MSG_UPSTREAM, {"upstream_status": e.status, "error": e.error}
                 ) from None
-            usage = usage_of(reply, request)
-            info = {
-                "m": str(request.get("model"))[:100],
+            info: dict[str, Any] = {
+                "m": job.model[:100],
                 "ms": round((time.monotonic() - job.queued_at) * 1000),
             }
+            if not answer.complete:
+                info["partial"] = 1
             try:
-                counts = await self.store.settle(res, usage, info)
+                counts = await self.store.settle(res, answer.usage, info)
             except StoreError as e:
                 log.error("usage store: %s (call for %s not charged)", e, user.name)
                 raise _store_failed() from None
             res = None  # type: ignore[assignment]
-            return Outcome(reply, usage, counts)
+            return Outcome(answer, counts)
         finally:
             self.active -= 1
             if not self.active:
@@ -1218,6 +1448,55 @@ class Relay:
                     await self.store.release(res)
                 except StoreError as e:
                     log.error("usage store: %s (slot of %s stays held until restart)", e, user.name)
+
+    def json_job(self, path: str, body: bytes, request: dict[str, Any]) -> Job:
+        """A call whose answer is one JSON document."""
+
+        async def call() -> Answer:
+            reply = await self.upstream.post_json(path, body)
+            return Answer(reply, usage_of(reply, request))
+
+        return Job(call=call, model=str(request.get("model")))
+
+    def stream_job(self, path: str, request: dict[str, Any], sink: StreamSink) -> Job:
+        """A streamed call: usage is always requested upstream, and dropped if not wanted."""
+        options = request.get("stream_options")
+        wanted = isinstance(options, dict) and options.get("include_usage") is True
+        upstream_request = dict(request)
+        upstream_request["stream_options"] = {**(options or {}), "include_usage": True}
+        body = json.dumps(upstream_request, ensure_ascii=False).encode()
+        relay = SSERelay(sink, request, strip_usage=not wanted)
+
+        async def call() -> Answer:
+            error = await self.upstream.stream(path, body, relay.on_header, relay.on_chunk)
+            return await relay.finish(error)
+
+        return Job(call=call, model=str(request.get("model")))
+
+    async def models(self) -> dict[str, Any]:
+        """The model list: configured, or the upstream's (cached; stale beats none)."""
+        if self.config.models:
+            names = [m.strip() for m in self.config.models.split(",") if m.strip()]
+            return {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "gateway"} for m in names
+                ],
+            }
+        now = time.monotonic()
+        if self._models is not None and now - self._models[0] < MODELS_CACHE_SECONDS:
+            return self._models[1]
+        try:
+            models = await self.upstream.get_json("/models")
+        except UpstreamFailure as e:
+            if self._models is not None:
+                log.warning("model list from upstream failed (%s); serving the cached one", e)
+                return self._models[1]
+            raise GatewayError(
+                502, MSG_UPSTREAM, {"upstream_status": e.status, "error": e.error}
+            ) from None
+        self._models = (now, models)
+        return models
 
     def status(self) -> dict[str, Any]:
         requests, tokens = self.store.totals(self.clock.today())
@@ -1233,6 +1512,9 @@ class Relay:
                 "today_tokens": tokens,
             },
         }
+
+
+MODELS_CACHE_SECONDS = 300.0
 
 
 def _store_failed() -> GatewayError:
@@ -1267,19 +1549,50 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return doc
 
 
-def validate_chat(doc: dict[str, Any]) -> None:
+def _require_model(doc: dict[str, Any]) -> None:
     model = doc.get("model")
     if not isinstance(model, str) or not model.strip():
         raise bad_request("'model' is required and must be a non-empty string", "model")
+
+
+def _check_stream(doc: dict[str, Any], allowed: bool) -> bool:
+    stream = doc.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be true or false", "stream")
+    if stream and not allowed:
+        raise bad_request(
+            "streaming is not available on /api/call.php; use /v1/chat/completions", "stream"
+        )
+    if "stream_options" in doc and not isinstance(doc["stream_options"], dict | None):
+        raise bad_request("'stream_options' must be an object", "stream_options")
+    return stream
+
+
+def validate_chat(doc: dict[str, Any], allow_stream: bool = False) -> bool:
+    """Check a chat request; return whether it asks for a stream."""
+    _require_model(doc)
     messages = doc.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' is required and must be a non-empty list", "messages")
     if not all(isinstance(m, dict) for m in messages):
         raise bad_request("every item of 'messages' must be an object", "messages")
-    if doc.get("stream") not in (None, False):
-        raise bad_request(
-            "streaming is not available on /api/call.php; leave 'stream' unset or false", "stream"
-        )
+    return _check_stream(doc, allow_stream)
+
+
+def validate_completion(doc: dict[str, Any]) -> bool:
+    _require_model(doc)
+    prompt = doc.get("prompt")
+    if not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
+        raise bad_request("'prompt' is required: a string or a non-empty list", "prompt")
+    return _check_stream(doc, True)
+
+
+def validate_embedding(doc: dict[str, Any]) -> bool:
+    _require_model(doc)
+    value = doc.get("input")
+    if not isinstance(value, str | list) or (isinstance(value, list) and not value):
+        raise bad_request("'input' is required: a string or a non-empty list", "input")
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1315,11 +1628,14 @@ class BaseHandler(tornado.web.RequestHandler):
             # send_error() cleared the headers; put back ours (e.g. Retry-After).
             for name, value in exc.headers.items():
                 self.set_header(name, value)
-            self.send_json(envelope(False, exc.message, exc.data), exc.status)
+            self.render_error(exc.status, exc.message, exc.data)
             return
         message = MESSAGE_BY_STATUS.get(status_code, MSG_INTERNAL)
         data = None if status_code < 500 else {"error": "internal error; see the gateway log"}
-        self.send_json(envelope(False, message, data), status_code)
+        self.render_error(status_code, message, data)
+
+    def render_error(self, status: int, message: str, data: dict[str, Any] | None) -> None:
+        self.send_json(envelope(False, message, data), status)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, GatewayError | tornado.web.HTTPError):
@@ -1349,19 +1665,20 @@ class StatusHandler(BaseHandler):
 
 
 @tornado.web.stream_request_body
-class CallHandler(BaseHandler):
-    """POST /api/call.php: the contract's chat relay."""
+class BodyHandler(BaseHandler, StreamSink):
+    """A POST endpoint: reads the body up to --max-body-size (413 as soon as it is over),
+    notices a client that leaves, and can stream Server-Sent Events back."""
 
     def initialize(self, relay: Relay) -> None:  # type: ignore[override]
         super().initialize(relay)
         self._chunks: list[bytes] = []
         self._size = 0
-        self._job: Job | None = None
         self._limit = relay.config.max_body_size
+        self.job: Job | None = None
+        self.gone = False
 
     async def _refuse_too_large(self) -> None:
-        self.set_status(413)
-        self.send_json(envelope(False, MSG_TOO_LARGE, {"max_body_size": self._limit}), 413)
+        self.render_error(413, MSG_TOO_LARGE, {"max_body_size": self._limit})
         # Answer, then drop the connection instead of reading a body we will not use.
         await self.flush()
         cast(Any, self.request.connection).stream.close()
@@ -1383,62 +1700,276 @@ class CallHandler(BaseHandler):
             return
         self._chunks.append(chunk)
 
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
+
     def on_connection_close(self) -> None:
-        if self._job is not None:
-            self._job.abandoned = True
+        self.gone = True
+        if self.job is not None:
+            self.job.abandoned = True
+
+    def start_stream(self) -> None:
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")  # tell nginx not to buffer the stream
+
+    async def send(self, data: bytes) -> None:
+        if self.gone:
+            raise ClientLeft("client disconnected")
+        self.write(data)
+        try:
+            await self.flush()
+        except tornado.iostream.StreamClosedError:
+            self.gone = True
+            raise ClientLeft("client disconnected") from None
+
+
+class CallHandler(BodyHandler):
+    """POST /api/call.php: the contract's chat relay, in the contract's envelope."""
 
     async def post(self) -> None:
         relay = self.relay
         user = self.user = relay.authenticate(self.request.headers.get("X-API-Key"))
-        body = b"".join(self._chunks)
+        body = self.body()
         request = parse_json_object(body)
         validate_chat(request)
-        self._job = Job(call=lambda: relay.upstream.post_json("/chat/completions", body))
+        self.job = relay.json_job("/chat/completions", body, request)
         try:
-            outcome = await relay.call(user, request, self._job)
+            outcome = await relay.call(user, self.job)
         except ClientGone:
             return  # left while queued: nothing was charged, nobody to answer
+        answer = outcome.answer
         data = {
-            "response": outcome.reply,
-            "usage": outcome.usage.as_dict(),
+            "response": answer.reply,
+            "usage": answer.usage.as_dict(),
             "daily_limits": daily_limits(user, outcome.counts),
         }
         self.send_json(envelope(True, MSG_OK, data))
 
 
-class DemoModelHandler(BaseHandler):
-    """--demo only: a local stand-in for the upstream's /chat/completions."""
+# OpenAI's error `type` and our `code` for each status / contract message.
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+}
+_OPENAI_CODES = {
+    MSG_BAD_REQUEST: "invalid_request",
+    MSG_BAD_KEY: "invalid_api_key",
+    MSG_REQUEST_LIMIT: "daily_request_limit_exceeded",
+    MSG_TOKEN_LIMIT: "daily_token_limit_exceeded",
+    MSG_CONFIG: "configuration_error",
+    MSG_UPSTREAM: "upstream_error",
+    MSG_QUEUE_FULL: "queue_full",
+    MSG_NOT_FOUND: "not_found",
+    MSG_METHOD: "method_not_allowed",
+    MSG_TOO_LARGE: "request_too_large",
+    MSG_INTERNAL: "internal_error",
+    MSG_STOPPING: "shutting_down",
+}
 
-    def post(self) -> None:
+
+class OpenAIMixin(BaseHandler):
+    """/v1 routes: OpenAI's error shape, Bearer keys and x-ratelimit-* headers."""
+
+    def authenticate(self) -> User:
+        auth = self.request.headers.get("Authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        self.user = self.relay.authenticate(key or self.request.headers.get("X-API-Key"))
+        return self.user
+
+    def set_limit_headers(self, counts: Counts | None = None) -> None:
+        user = self.user
+        if user is None:
+            return
+        if counts is None:
+            try:
+                counts = self.relay.store.counts(user.name, self.relay.clock.today())
+            except StoreError:
+                return
+        self.set_header("x-ratelimit-limit-requests", str(user.daily_request_limit))
+        self.set_header(
+            "x-ratelimit-remaining-requests",
+            str(max(0, user.daily_request_limit - counts.requests - counts.reserved)),
+        )
+        self.set_header("x-ratelimit-limit-tokens", str(user.daily_token_limit))
+        self.set_header(
+            "x-ratelimit-remaining-tokens", str(max(0, user.daily_token_limit - counts.tokens))
+        )
+
+    def render_error(self, status: int, message: str, data: dict[str, Any] | None) -> None:
+        detail = data.get("error") if data else None
+        error: dict[str, Any] = {
+            "message": f"{message}: {detail}" if detail else message,
+            "type": _OPENAI_TYPES.get(status, "server_error"),
+            "param": data.get("field") if data else None,
+            "code": _OPENAI_CODES.get(message, "error"),
+        }
+        if data and "error" not in data:
+            error["details"] = data  # e.g. the daily counts of a 429
+        self.set_limit_headers()
+        self.send_json({"error": error}, status)
+
+
+class OpenAIRelayHandler(OpenAIMixin, BodyHandler):
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings: the upstream's own answer."""
+
+    path = ""
+    validate: Callable[[dict[str, Any]], bool] = staticmethod(validate_chat)  # type: ignore[assignment]
+
+    async def post(self) -> None:
+        relay = self.relay
+        user = self.authenticate()
+        body = self.body()
+        request = parse_json_object(body)
+        stream = type(self).validate(request)
+        if stream:
+            self.job = relay.stream_job(self.path, request, self)
+        else:
+            self.job = relay.json_job(self.path, body, request)
+        try:
+            outcome = await relay.call(user, self.job)
+        except ClientGone:
+            return
+        answer = outcome.answer
+        if not stream:
+            self.set_limit_headers(outcome.counts)
+            self.send_json(answer.reply or {})
+            return
+        if answer.done:
+            await self.send(b"data: [DONE]\n\n")  # only now: the charge is on disk
+        self.finish()
+
+    def start_stream(self) -> None:
+        super().start_stream()
+        self.set_limit_headers()
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await super().send(data)
+        except ClientLeft:
+            if self.job is not None and self.job.started_at:
+                raise  # abort the upstream call
+            # [DONE] after the charge: the client left at the very end; nothing to abort
+
+
+class ChatCompletionsHandler(OpenAIRelayHandler):
+    path = "/chat/completions"
+    validate = staticmethod(functools.partial(validate_chat, allow_stream=True))  # type: ignore[assignment]
+
+
+class CompletionsHandler(OpenAIRelayHandler):
+    path = "/completions"
+    validate = staticmethod(validate_completion)  # type: ignore[assignment]
+
+
+class EmbeddingsHandler(OpenAIRelayHandler):
+    path = "/embeddings"
+    validate = staticmethod(validate_embedding)  # type: ignore[assignment]
+
+
+class ModelsHandler(OpenAIMixin):
+    """GET /v1/models: what the users can call."""
+
+    async def get(self) -> None:
+        self.authenticate()
+        models = await self.relay.models()
+        self.set_limit_headers()
+        self.send_json(models)
+
+
+class OpenAINotFoundHandler(OpenAIMixin):
+    def prepare(self) -> None:
+        raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no route {self.request.path[:200]}"})
+
+
+class DemoModelHandler(BaseHandler):
+    """--demo only: a local stand-in for an OpenAI-compatible upstream."""
+
+    async def post(self, endpoint: str) -> None:
         try:
             request = json.loads(self.request.body)
-            messages = request["messages"]
-            last = _text_of(messages[-1]) if messages else ""
-        except (ValueError, KeyError, TypeError, IndexError):
-            error = {"message": "bad request to the demo model", "type": "invalid_request_error"}
-            self.send_json({"error": error}, 400)
+            text = _prompt_text(request)
+        except (ValueError, AttributeError):
+            self.send_json(
+                {"error": {"message": "bad request", "type": "invalid_request_error"}}, 400
+            )
             return
+        model = str(request.get("model", "demo"))
+        prompt = estimate_tokens(text)
+        if endpoint == "embeddings":
+            digest = hashlib.sha256(text.encode()).digest()
+            vector = [round(b / 255 - 0.5, 4) for b in digest[:16]]
+            self.send_json(
+                {
+                    "object": "list",
+                    "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+                    "model": model,
+                    "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+                }
+            )
+            return
+        last = _text_of(request["messages"][-1]) if endpoint == "chat/completions" else text
         content = f"你好!我是演示模型 (demo mock model). You said: {last[:200]}"
-        prompt = estimate_tokens(_text_of(messages))
         completion = estimate_tokens(content)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        chat = endpoint == "chat/completions"
+        base = {
+            "id": "chatcmpl-demo" + secrets.token_hex(8),
+            "created": int(time.time()),
+            "model": model,
+        }
+        if not request.get("stream"):
+            choice = (
+                {"message": {"role": "assistant", "content": content}}
+                if chat
+                else {"text": content}
+            )
+            kind = "chat.completion" if chat else "text_completion"
+            self.send_json(
+                {
+                    **base,
+                    "object": kind,
+                    "choices": [{"index": 0, **choice, "finish_reason": "stop"}],
+                    "usage": usage,
+                }
+            )
+            return
+        self.set_header("Content-Type", "text/event-stream")
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        words = re.findall(r"\S+\s*", content)
+        for n, word in enumerate(words):
+            piece = {"delta": {"content": word}} if chat else {"text": word}
+            finish = "stop" if n == len(words) - 1 else None
+            chunk = {
+                **base,
+                "object": kind,
+                "choices": [{"index": 0, **piece, "finish_reason": finish}],
+            }
+            self.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
+            await self.flush()
+            await asyncio.sleep(0.02)
+        options = request.get("stream_options") or {}
+        if options.get("include_usage"):
+            chunk = {**base, "object": kind, "choices": [], "usage": usage}
+            self.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        self.finish(b"data: [DONE]\n\n")
+
+    def get(self, endpoint: str) -> None:
+        if endpoint != "models":
+            raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path})
         self.send_json(
             {
-                "id": "chatcmpl-demo" + secrets.token_hex(8),
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": str(request.get("model", "demo")),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion,
-                    "total_tokens": prompt + completion,
-                },
+                "object": "list",
+                "data": [{"id": "demo", "object": "model", "created": 0, "owned_by": "demo"}],
             }
         )
 
@@ -1470,9 +2001,16 @@ def make_app(relay: Relay) -> tornado.web.Application:
     routes: list[Any] = [
         (r"/api/call(?:\.php)?", CallHandler, deps),
         (r"/api/status(?:\.php)?", StatusHandler, deps),
+        (r"/v1/chat/completions", ChatCompletionsHandler, deps),
+        (r"/v1/completions", CompletionsHandler, deps),
+        (r"/v1/embeddings", EmbeddingsHandler, deps),
+        (r"/v1/models", ModelsHandler, deps),
+        (r"/v1/.*", OpenAINotFoundHandler, deps),
     ]
     if relay.config.demo:
-        routes.append((r"/demo/v1/chat/completions", DemoModelHandler, deps))
+        routes.append(
+            (r"/demo/v1/(chat/completions|completions|embeddings|models)", DemoModelHandler, deps)
+        )
     routes.append((r".*", NotFoundHandler, deps))
     return tornado.web.Application(routes, log_function=log_request, compress_response=False)
 
@@ -1493,6 +2031,7 @@ class Gateway:
     async def start(self, sockets: list[Any] | None = None) -> None:
         """Load users, open the store, start workers and listen (on `sockets` if given)."""
         config = self.config
+        tornado.log.gen_log.addFilter(_HIDE_CLIENT_LEFT)  # the same instance: added once
         self.users.load()
         await self.store.start()
         if sockets is None:
@@ -1607,6 +2146,12 @@ def define_options() -> tornado.options.OptionParser:
     p.define("body-timeout", d.body_timeout, float, "seconds allowed to send a request body")
     p.define("shutdown-timeout", d.shutdown_timeout, float, "seconds to finish calls on SIGTERM")
     p.define("xheaders", d.xheaders, bool, "trust X-Forwarded-For/X-Real-Ip (behind a proxy)")
+    p.define(
+        "models",
+        d.models,
+        str,
+        "comma-separated model ids for GET /v1/models; empty: the upstream's list (cached 5 min)",
+    )
     tornado.log.define_logging_options(p)
     return p
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import tornado.httpclient
 import tornado.httpserver
+import tornado.iostream
 import tornado.netutil
 import tornado.testing
 import tornado.web
@@ -65,6 +66,13 @@ class FakeUpstream:
     in_flight: int = 0
     max_in_flight: int = 0
     server: tornado.httpserver.HTTPServer | None = None
+    # streams
+    pieces: list[str] = field(default_factory=lambda: ["Hel", "lo", " wor", "ld"])
+    stream_delay: float = 0.0  # seconds between chunks
+    cut_after: int | None = None  # close the connection after this many chunks
+    stream_finished: bool = False
+    client_left: asyncio.Event = field(default_factory=asyncio.Event)
+    models_calls: int = 0
 
     @property
     def url(self) -> str:
@@ -74,6 +82,47 @@ class FakeUpstream:
 class _ChatHandler(tornado.web.RequestHandler):
     def initialize(self, fake: FakeUpstream) -> None:
         self.fake = fake
+
+    def on_connection_close(self) -> None:
+        self.fake.client_left.set()
+
+    async def stream(self, request: dict[str, Any]) -> None:
+        fake = self.fake
+        self.set_header("Content-Type", "text/event-stream")
+        chat = self.request.path.endswith("/chat/completions")
+        for n, piece in enumerate(fake.pieces):
+            if fake.cut_after is not None and n == fake.cut_after:
+                self.request.connection.stream.close()  # type: ignore[union-attr]
+                return
+            last = n == len(fake.pieces) - 1
+            choice = {"index": 0, "finish_reason": "stop" if last else None}
+            choice.update({"delta": {"content": piece}} if chat else {"text": piece})
+            chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": [choice]}
+            try:
+                self.write(f"data: {json.dumps(chunk)}\n\n")
+                await self.flush()
+            except tornado.iostream.StreamClosedError:
+                fake.client_left.set()
+                return
+            if fake.stream_delay:
+                await asyncio.sleep(fake.stream_delay)
+            if fake.client_left.is_set():
+                return
+        options = request.get("stream_options") or {}
+        if options.get("include_usage") and fake.usage is not None:
+            chunk = {"id": "chatcmpl-fake", "choices": [], "usage": fake.usage}
+            self.write(f"data: {json.dumps(chunk)}\n\n")
+        fake.stream_finished = True
+        self.finish("data: [DONE]\n\n")
+
+    async def get(self) -> None:
+        self.fake.models_calls += 1
+        self.finish(
+            {
+                "object": "list",
+                "data": [{"id": "m1", "object": "model"}, {"id": "m2", "object": "model"}],
+            }
+        )
 
     async def post(self) -> None:
         fake = self.fake
@@ -95,6 +144,29 @@ class _ChatHandler(tornado.web.RequestHandler):
             self.finish({"error": {"message": f"upstream says no ({fake.status})", "type": "x"}})
             return
         request = json.loads(self.request.body)
+        if request.get("stream"):
+            await self.stream(request)
+            return
+        if self.request.path.endswith("/embeddings"):
+            self.finish(
+                {
+                    "object": "list",
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                    "model": request.get("model"),
+                    "usage": {"prompt_tokens": 3, "total_tokens": 3},
+                }
+            )
+            return
+        if self.request.path.endswith("/v1/completions"):
+            reply = {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "choices": [{"index": 0, "text": "pong", "finish_reason": "stop"}],
+            }
+            if fake.usage is not None:
+                reply["usage"] = fake.usage
+            self.finish(reply)
+            return
         reply: dict[str, Any] = {
             "id": "chatcmpl-fake",
             "object": "chat.completion",
@@ -115,7 +187,9 @@ class _ChatHandler(tornado.web.RequestHandler):
 @pytest.fixture
 async def upstream() -> AsyncIterator[FakeUpstream]:
     fake = FakeUpstream()
-    app = tornado.web.Application([(r"/v1/chat/completions", _ChatHandler, {"fake": fake})])
+    app = tornado.web.Application(
+        [(r"/v1/(?:chat/completions|completions|embeddings|models)", _ChatHandler, {"fake": fake})]
+    )
     sock, fake.port = tornado.testing.bind_unused_port("127.0.0.1")
     fake.server = tornado.httpserver.HTTPServer(app)
     fake.server.add_sockets([sock])
