@@ -1841,20 +1841,15 @@ class OpenAIRelayHandler(OpenAIMixin, BodyHandler):
             self.send_json(answer.reply or {})
             return
         if answer.done:
-            await self.send(b"data: [DONE]\n\n")  # only now: the charge is on disk
+            try:
+                await self.send(b"data: [DONE]\n\n")  # only now: the charge is on disk
+            except ClientLeft:
+                return  # left at the very end; the call was complete and is charged
         self.finish()
 
     def start_stream(self) -> None:
         super().start_stream()
         self.set_limit_headers()
-
-    async def send(self, data: bytes) -> None:
-        try:
-            await super().send(data)
-        except ClientLeft:
-            if self.job is not None and self.job.started_at:
-                raise  # abort the upstream call
-            # [DONE] after the charge: the client left at the very end; nothing to abort
 
 
 class ChatCompletionsHandler(OpenAIRelayHandler):

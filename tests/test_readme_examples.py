@@ -1,0 +1,60 @@
+"""The README's OpenAI SDK snippets (Python and Node) run as written against --demo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, Proc
+
+README = (ROOT / "README.md").read_text()
+
+
+def snippet(language: str, starts: str) -> str:
+    for block in re.findall(rf"```{language}\n(.*?)```", README, re.S):
+        if block.startswith(starts):
+            return block
+    raise AssertionError(f"no {language} snippet starting with {starts!r} in README.md")
+
+
+@pytest.fixture
+async def demo(procs, tmp_path: Path) -> Proc:
+    p = procs(
+        ["--demo", "--host=127.0.0.1", f"--data-dir={tmp_path / 'data'}"], tmp_path / "demo.log"
+    )
+    await p.ready()
+    return p
+
+
+async def run(argv: list[str], cwd: Path, timeout: float = 60) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_python_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
+    code = snippet("python", "from openai").replace("http://127.0.0.1:8000", demo.base)
+    (tmp_path / "snippet.py").write_text(code)
+    out = await run([sys.executable, "snippet.py"], tmp_path)
+    assert out.count("You said: Hello!") == 2  # once whole, once streamed
+
+
+async def test_node_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
+    npm = shutil.which("npm")
+    if npm is None or shutil.which("node") is None:
+        if os.environ.get("CI"):
+            pytest.fail("node and npm are required in CI for the README's Node snippet")
+        pytest.skip("node/npm not installed")
+    await run([npm, "install", "--silent", "--no-audit", "--no-fund", "openai@7"], tmp_path, 240)
+    code = snippet("javascript", "import OpenAI").replace("http://127.0.0.1:8000", demo.base)
+    (tmp_path / "snippet.mjs").write_text(code)
+    out = await run(["node", "snippet.mjs"], tmp_path)
+    assert "You said: Hello!" in out
