@@ -256,6 +256,7 @@ class Env:
     tmp: Path
     upstream: FakeUpstream
     clock: Clock
+    http_client: str = "simple"
     gateways: list[gateway.Gateway] = field(default_factory=list)
     http: tornado.httpclient.AsyncHTTPClient = field(
         default_factory=lambda: tornado.httpclient.AsyncHTTPClient(
@@ -285,6 +286,7 @@ class Env:
             upstream_timeout=5.0,
             reload_interval=0.1,
             timezone="Asia/Shanghai",
+            http_client=self.http_client,
         )
         base.update(overrides)
         return gateway.Config(**base)
@@ -304,9 +306,12 @@ class Env:
             await g.stop()
 
 
-@pytest.fixture
-async def env(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Env]:
-    e = Env(tmp_path, upstream, Clock())
+@pytest.fixture(params=["curl", "simple"])
+async def env(
+    request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream
+) -> AsyncIterator[Env]:
+    """A test directory with a fake upstream; runs each test once per upstream HTTP client."""
+    e = Env(tmp_path, upstream, Clock(), request.param)
     yield e
     for g in list(e.gateways):
         await e.stop(g)
