@@ -2075,7 +2075,7 @@ class Gateway:
         self.users.load()
         await self.store.start()
         if sockets is None:
-            sockets = tornado.netutil.bind_sockets(config.port, config.host)
+            sockets = tornado.netutil.bind_sockets(config.port, config.host, backlog=1024)
         self.port = sockets[0].getsockname()[1]
         if config.demo:
             host = config.host if config.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
