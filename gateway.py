@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -961,12 +963,16 @@ class Upstream:
 
             self.client: tornado.httpclient.AsyncHTTPClient = CurlAsyncHTTPClient(**kwargs)
         else:
-            self.client = tornado.simple_httpclient.SimpleAsyncHTTPClient(**kwargs)
+            self.client = tornado.simple_httpclient.SimpleAsyncHTTPClient(
+                resolver=_CachingResolver(), **kwargs
+            )
         # Streams always use Tornado's own client: it awaits the streaming callback (so a slow
         # client slows the upstream read) and aborts the transfer when the callback raises;
         # the curl client does neither, and may deliver body chunks before the headers.
         self.stream_client = (
-            tornado.simple_httpclient.SimpleAsyncHTTPClient(**kwargs) if self.curl else self.client
+            tornado.simple_httpclient.SimpleAsyncHTTPClient(resolver=_CachingResolver(), **kwargs)
+            if self.curl
+            else self.client
         )
 
     @property
@@ -1055,6 +1061,35 @@ class Upstream:
         self.client.close()
         if self.stream_client is not self.client:
             self.stream_client.close()
+
+
+class _CachingResolver(tornado.netutil.DefaultExecutorResolver):
+    """Tornado's client opens a connection per call and resolves its host in a thread each
+    time; an IP address needs no lookup, and a name's addresses are kept for a minute."""
+
+    TTL = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[tuple[str, int, int], tuple[float, list[tuple[int, Any]]]] = {}
+
+    async def resolve(
+        self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC
+    ) -> list[tuple[int, Any]]:
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (str(ip), port))]
+        key = (host, port, int(family))
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.TTL:
+            return hit[1]
+        addresses = await super().resolve(host, port, family)
+        self._cache[key] = (now, addresses)
+        return addresses
 
 
 def _has_pycurl() -> bool:
