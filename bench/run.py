@@ -175,6 +175,54 @@ class Bench:
             env={"UPSTREAM_API_KEY": "sk-bench-upstream"},
         )
 
+    def measure_all(
+        self,
+        section: str,
+        entries: list[tuple[str, Proc, Target]],
+        conns: int,
+        seconds: float,
+        **extra: Any,
+    ) -> list[dict[str, Any]]:
+        """Measure several targets in interleaved rounds and keep each one's median run.
+
+        On a shared 2-core machine the speed drifts by 15% or more from minute to minute;
+        interleaving makes the side-by-side ratios immune to that drift.
+        """
+        runs: dict[int, list[Result]] = {i: [] for i in range(len(entries))}
+        cpu: dict[int, float] = dict.fromkeys(runs, 0.0)
+        for _ in range(self.args.repeat):
+            for i, (_, proc, target) in enumerate(entries):
+                cpu0 = cpu_seconds(proc.popen.pid)
+                runs[i].append(run_load(target, conns, seconds, self.args.tool))
+                cpu[i] += cpu_seconds(proc.popen.pid) - cpu0
+        rows = []
+        for i, (label, proc, _) in enumerate(entries):
+            result = sorted(runs[i], key=lambda r: r.rps)[len(runs[i]) // 2]
+            total = sum(r.requests for r in runs[i])
+            row = {
+                "section": section,
+                "label": label,
+                "conns": conns,
+                "rps": round(result.rps, 1),
+                "p50_ms": round(result.p50_ms, 3),
+                "p99_ms": round(result.p99_ms, 3),
+                "cpu_ms_per_req": round(cpu[i] * 1000 / total, 3) if total else None,
+                "rss_peak_mb": round(rss_mb(proc.popen.pid), 1),
+                "errors": sum(r.errors for r in runs[i]),
+                "tool": result.tool,
+                **extra,
+            }
+            self.rows.append(row)
+            rows.append(row)
+            print(
+                f"  {section:<8} {label:<26} c={conns:<3} {row['rps']:>9.1f} req/s"
+                f"  p50 {row['p50_ms']:>7.3f} ms  p99 {row['p99_ms']:>7.3f} ms"
+                f"  cpu {row['cpu_ms_per_req']} ms/req  rss {row['rss_peak_mb']} MB"
+                f"  err {row['errors']}",
+                flush=True,
+            )
+        return rows
+
     def measure(
         self,
         section: str,
@@ -185,33 +233,7 @@ class Bench:
         seconds: float,
         **extra: Any,
     ) -> dict[str, Any]:
-        cpu0 = cpu_seconds(proc.popen.pid)
-        runs = [run_load(target, conns, seconds, self.args.tool) for _ in range(self.args.repeat)]
-        cpu = cpu_seconds(proc.popen.pid) - cpu0
-        # The median run by throughput: on a shared 2-core machine single runs vary by ~15%.
-        result: Result = sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
-        total = sum(r.requests for r in runs)
-        row = {
-            "section": section,
-            "label": label,
-            "conns": conns,
-            "rps": round(result.rps, 1),
-            "p50_ms": round(result.p50_ms, 3),
-            "p99_ms": round(result.p99_ms, 3),
-            "cpu_ms_per_req": round(cpu * 1000 / total, 3) if total else None,
-            "rss_peak_mb": round(rss_mb(proc.popen.pid), 1),
-            "errors": sum(r.errors for r in runs),
-            "tool": result.tool,
-            **extra,
-        }
-        self.rows.append(row)
-        print(
-            f"  {section:<10} {label:<28} c={conns:<4} {row['rps']:>9.1f} req/s  p50 {row['p50_ms']:>8.3f} ms"
-            f"  p99 {row['p99_ms']:>8.3f} ms  cpu {row['cpu_ms_per_req']} ms/req  rss {row['rss_peak_mb']} MB"
-            f"  err {row['errors']}",
-            flush=True,
-        )
-        return row
+        return self.measure_all(section, [(label, proc, target)], conns, seconds, **extra)[0]
 
     def stop_all(self) -> None:
         for p in self.procs:
@@ -249,11 +271,8 @@ class Bench:
                 ),
             ]
             for conns in (1, 32) if not self.args.smoke else (8,):
-                for label, proc, target in targets:
-                    target = target or Target(proc.port, "/", CHAT, AUTH)
-                    self.measure(
-                        "relay", label, proc, target, conns, secs, delay_ms=int(delay * 1000)
-                    )
+                entries = [(lb, p, t or Target(p.port, "/", CHAT, AUTH)) for lb, p, t in targets]
+                self.measure_all("relay", entries, conns, secs, delay_ms=int(delay * 1000))
             self.stop_all()
 
     def streaming(self) -> None:
@@ -261,22 +280,11 @@ class Bench:
         bare = self.bare(up, "simple")
         gw = self.gateway(up)
         conns = 32 if not self.args.smoke else 8
-        self.measure(
-            "stream",
-            "bare relay stream",
-            bare,
-            Target(bare.port, "/stream", STREAM, AUTH),
-            conns,
-            self.args.seconds,
-        )
-        self.measure(
-            "stream",
-            "gateway /v1 stream",
-            gw,
-            Target(gw.port, "/v1/chat/completions", STREAM, AUTH),
-            conns,
-            self.args.seconds,
-        )
+        entries = [
+            ("bare relay stream", bare, Target(bare.port, "/stream", STREAM, AUTH)),
+            ("gateway /v1 stream", gw, Target(gw.port, "/v1/chat/completions", STREAM, AUTH)),
+        ]
+        self.measure_all("stream", entries, conns, self.args.seconds)
         self.stop_all()
 
     def users_scaling(self) -> None:
