@@ -218,13 +218,18 @@ class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ign
     """Safe YAML loader (libyaml when present) that refuses duplicate keys."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
-            seen.add(key)
+        # The keys as written, before merge keys (<<: *anchor) pull in others.
+        keys = [k for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.tag != _MERGE_TAG]
+        if len({k.value for k in keys}) != len(keys):
+            seen = set()
+            for k in keys:
+                if k.value in seen:
+                    raise ConfigError(f"duplicate key {k.value!r} (line {k.start_mark.line + 1})")
+                seen.add(k.value)
         return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def _limit(value: Any, where: str) -> int:
@@ -243,7 +248,8 @@ def parse_users(text: str, demo: bool = False) -> dict[str, User]:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError("the top level must be a mapping with 'defaults' and 'users'")
-    unknown = set(doc) - {"defaults", "users"}
+    # x-… keys are free for YAML anchors (x-base: &base {...}), as in docker-compose files.
+    unknown = {k for k in doc if k not in ("defaults", "users") and not str(k).startswith("x-")}
     if unknown:
         raise ConfigError(f"unknown top-level keys: {sorted(map(str, unknown))}")
     defaults = doc.get("defaults") or {}

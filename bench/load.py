@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -165,41 +168,60 @@ def run_load(target: Target, connections: int, seconds: float, tool: str = "auto
 # ---------------------------------------------------------------- many open streams
 
 
+def _probe_process(port: int, seconds: float, out: Any) -> None:
+    """In its own process (so the load generator's own loop cannot delay it): GET
+    /api/status.php every 20 ms for `seconds`; send (start time, latency ms) pairs back."""
+    samples = []
+    deadline = time.monotonic() + seconds
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        reader = sock.makefile("rb")
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            sock.sendall(b"GET /api/status.php HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            samples.append((t0, (time.monotonic() - t0) * 1000))
+            time.sleep(0.02)
+    out.send(samples)
+
+
 async def hold_streams(
-    target: Target, streams: int, probe_port: int, timeout: float
-) -> tuple[int, list[float]]:
-    """Open `streams` streaming calls at once and read them to the end, while probing
-    GET /api/status.php every 20 ms. Return (streams completed with 200, probe latencies ms)."""
+    target: Target, streams: int, probe_port: int, ramp: float, length: float
+) -> tuple[int, list[float], list[float]]:
+    """Open `streams` streaming calls spread evenly over `ramp` seconds, each lasting about
+    `length` seconds, and read them to the end, while another process probes the gateway.
+
+    Returns (streams completed with 200, probe latencies while every stream was open,
+    all probe latencies) in ms.
+    """
     raw = target.request()
     done = 0
-    probes: list[float] = []
-    finished = asyncio.Event()
+    parent, child = multiprocessing.Pipe()
+    probe = multiprocessing.Process(
+        target=_probe_process, args=(probe_port, ramp + length + 1, child), daemon=True
+    )
+    probe.start()
+    start = time.monotonic()
 
-    async def one() -> None:
+    async def one(delay: float) -> None:
         nonlocal done
+        await asyncio.sleep(delay)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
             writer.write(raw)
-            status = await asyncio.wait_for(_read_response(reader), timeout)
+            status = await asyncio.wait_for(_read_response(reader), ramp + length + 30)
             writer.close()
             if status == 200:
                 done += 1
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             pass
 
-    async def probe() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", probe_port)
-        request = b"GET /api/status.php HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        while not finished.is_set():
-            t0 = time.perf_counter()
-            writer.write(request)
-            await _read_response(reader)
-            probes.append((time.perf_counter() - t0) * 1000)
-            await asyncio.sleep(0.02)
-        writer.close()
-
-    prober = asyncio.ensure_future(probe())
-    await asyncio.gather(*(one() for _ in range(streams)))
-    finished.set()
-    await prober
-    return done, probes
+    await asyncio.gather(*(one(ramp * i / streams) for i in range(streams)))
+    samples = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
+    probe.join(5)
+    # "Every stream open": after the ramp, before the first stream can have ended.
+    steady = [ms for t, ms in samples if start + ramp + 0.2 <= t <= start + length - 0.2]
+    return done, steady, [ms for _, ms in samples]

@@ -27,5 +27,6 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert two["limit_exact"] is True
     streams = next(r for r in rows if r["section"] == "streams")
     assert streams["completed"] == streams["conns"]
+    assert streams["steady_probes"] > 0
     report = (tmp_path / "latest.md").read_text()
     assert "| target | measured | goal |" in report
