@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-import functools
+import gc
 import hashlib
 import hmac
 import ipaddress
@@ -729,38 +729,49 @@ class _Ledger:
             # Cleared before this task completes, so a woken waiter never awaits a done task.
             self._sync = None
 
-    def write_snapshot(self) -> None:
-        """Write the counters as {day}.json if ours are newer than the file's (atomic replace)."""
+    async def write_snapshot(self) -> None:
+        """Write the counters as {day}.json if ours are newer than the file's (atomic replace).
+
+        The state is encoded here; the file work (lock, fsync, rename) runs in a thread so
+        that a slow disk does not stall the event loop.
+        """
         if self.pos <= self.snapshot_pos or self.tainted_all:
             return
-        lock = filelock.FileLock(str(self.store.root / ".snapshot.lock"))
+        pos = self.pos
+        snap = {
+            "day": self.day,
+            "journal_offset": pos,
+            "requests": self.requests,
+            "tokens": self.tokens,
+            "users": {
+                u: {"requests": c.requests, "tokens": c.tokens}
+                for u, c in sorted(self.counters.items())
+                if c.requests or c.tokens
+            },
+            "open": {rid: list(entry) for rid, entry in self.open.items()},
+            "tainted": self.tainted,
+        }
+        data = json.dumps(snap, ensure_ascii=False, indent=1).encode()
+        loop = asyncio.get_running_loop()
+        written = await loop.run_in_executor(None, self._store_snapshot, data, pos)
+        self.snapshot_pos = max(self.snapshot_pos, written)
+
+    def _store_snapshot(self, data: bytes, pos: int) -> int:
+        """Replace the snapshot unless the file is as new; return the offset it now holds."""
+        lock = filelock.FileLock(str(self.store.root / ".snapshot.lock"), thread_local=False)
         try:
             lock.acquire(timeout=0)
         except filelock.Timeout:
-            return  # another process is writing one; ours will be newer next time
+            return -1  # another process is writing one; ours will be newer next time
         try:
             try:
                 theirs = json.loads(self.snapshot.read_bytes())["journal_offset"]
             except (OSError, ValueError, KeyError, TypeError):
                 theirs = -1
-            if isinstance(theirs, int) and theirs >= self.pos:
-                self.snapshot_pos = theirs
-                return
-            snap = {
-                "day": self.day,
-                "journal_offset": self.pos,
-                "requests": self.requests,
-                "tokens": self.tokens,
-                "users": {
-                    u: {"requests": c.requests, "tokens": c.tokens}
-                    for u, c in sorted(self.counters.items())
-                    if c.requests or c.tokens
-                },
-                "open": {rid: list(entry) for rid, entry in self.open.items()},
-                "tainted": self.tainted,
-            }
-            atomic_write(self.snapshot, json.dumps(snap, ensure_ascii=False, indent=1).encode())
-            self.snapshot_pos = self.pos
+            if isinstance(theirs, int) and theirs >= pos:
+                return theirs
+            atomic_write(self.snapshot, data)
+            return pos
         finally:
             lock.release()
 
@@ -822,7 +833,7 @@ class JournalStore(UsageStore):
         for ledger in list(self._ledgers.values()):
             try:
                 ledger.catch_up()
-                ledger.write_snapshot()
+                await ledger.write_snapshot()
             except StoreError as e:
                 log.error("closing %s: %s", ledger.day, e)
             ledger.close()
@@ -932,7 +943,7 @@ class JournalStore(UsageStore):
                     log.warning("process %s is gone; freeing its reserved slots for %s", owner, day)
                     ledger.append({"k": "d", "o": owner})
             ledger.catch_up()
-            ledger.write_snapshot()
+            await ledger.write_snapshot()
             ours = any(o == self.owner for _, o in ledger.open.values())
             if day != today and not ours:
                 ledger.close()
@@ -1697,6 +1708,11 @@ def validate_chat(doc: dict[str, Any], allow_stream: bool = False) -> bool:
     return _check_stream(doc, allow_stream)
 
 
+def validate_chat_stream(doc: dict[str, Any]) -> bool:
+    """/v1/chat/completions: a chat request that may stream."""
+    return validate_chat(doc, allow_stream=True)
+
+
 def validate_completion(doc: dict[str, Any]) -> bool:
     _require_model(doc)
     prompt = doc.get("prompt")
@@ -1947,19 +1963,23 @@ class OpenAIMixin(BaseHandler):
 class OpenAIRelayHandler(OpenAIMixin, BodyHandler):
     """POST /v1/chat/completions, /v1/completions, /v1/embeddings: the upstream's own answer."""
 
-    path = ""
-    validate: Callable[[dict[str, Any]], bool] = staticmethod(validate_chat)  # type: ignore[assignment]
+    def initialize(  # type: ignore[override]
+        self, relay: Relay, path: str, validate: Callable[[dict[str, Any]], bool]
+    ) -> None:
+        super().initialize(relay)
+        self.upstream_path = path
+        self.validate = validate
 
     async def post(self) -> None:
         relay = self.relay
         user = self.authenticate()
         body = self.body()
         request = parse_json_object(body)
-        stream = type(self).validate(request)
+        stream = self.validate(request)
         if stream:
-            self.job = relay.stream_job(self.path, request, self)
+            self.job = relay.stream_job(self.upstream_path, request, self)
         else:
-            self.job = relay.json_job(self.path, body, request)
+            self.job = relay.json_job(self.upstream_path, body, request)
         try:
             outcome = await relay.call(user, self.job)
         except ClientGone:
@@ -1979,21 +1999,6 @@ class OpenAIRelayHandler(OpenAIMixin, BodyHandler):
     def start_stream(self) -> None:
         super().start_stream()
         self.set_limit_headers()
-
-
-class ChatCompletionsHandler(OpenAIRelayHandler):
-    path = "/chat/completions"
-    validate = staticmethod(functools.partial(validate_chat, allow_stream=True))  # type: ignore[assignment]
-
-
-class CompletionsHandler(OpenAIRelayHandler):
-    path = "/completions"
-    validate = staticmethod(validate_completion)  # type: ignore[assignment]
-
-
-class EmbeddingsHandler(OpenAIRelayHandler):
-    path = "/embeddings"
-    validate = staticmethod(validate_embedding)  # type: ignore[assignment]
 
 
 class ModelsHandler(OpenAIMixin):
@@ -2127,9 +2132,21 @@ def make_app(relay: Relay) -> tornado.web.Application:
     routes: list[Any] = [
         (r"/api/call(?:\.php)?", CallHandler, deps),
         (r"/api/status(?:\.php)?", StatusHandler, deps),
-        (r"/v1/chat/completions", ChatCompletionsHandler, deps),
-        (r"/v1/completions", CompletionsHandler, deps),
-        (r"/v1/embeddings", EmbeddingsHandler, deps),
+        (
+            r"/v1/chat/completions",
+            OpenAIRelayHandler,
+            {**deps, "path": "/chat/completions", "validate": validate_chat_stream},
+        ),
+        (
+            r"/v1/completions",
+            OpenAIRelayHandler,
+            {**deps, "path": "/completions", "validate": validate_completion},
+        ),
+        (
+            r"/v1/embeddings",
+            OpenAIRelayHandler,
+            {**deps, "path": "/embeddings", "validate": validate_embedding},
+        ),
         (r"/v1/models", ModelsHandler, deps),
         (r"/v1/.*", OpenAINotFoundHandler, deps),
     ]
@@ -2320,8 +2337,18 @@ def parse_config(argv: list[str], env: dict[str, str]) -> Config:
 
 
 async def serve(config: Config) -> None:
+    # Signals first: a SIGTERM that arrives while starting still stops the gateway cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config)
     await gateway.start()
+    # Objects from start-up (modules, users) live as long as the process: frozen, full
+    # collections skip them. With a larger young generation, collections run less often; a
+    # full one with 2,000 open streams took 100-200 ms before.
+    gc.freeze()
+    gc.set_threshold(5_000, 10, 10)
     log.info(
         "gateway listening on http://%s:%d (%d users, upstream %s%s)",
         config.host,
@@ -2330,10 +2357,6 @@ async def serve(config: Config) -> None:
         "demo mock model" if config.demo else config.upstream_base_url,
         "" if config.demo or config.upstream_api_key else ", NO UPSTREAM KEY",
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: finishing queued and in-flight calls")
     await gateway.stop()
