@@ -1,0 +1,317 @@
+"""Faults and load: limits stay exact, nothing charged is lost, bad input never costs anything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ALICE_KEY, CAROL_KEY, ROOT, UPSTREAM_KEY, Env, Proc, proc_args
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gateway
+
+VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
+KEY_ENV = {"UPSTREAM_API_KEY": UPSTREAM_KEY}
+
+
+def round_users(limits: list[int]) -> dict[str, dict[str, object]]:
+    return {
+        f"r{i}": {"api_key": f"sk-round-{i:04d}-key", "daily_request_limit": limit}
+        for i, limit in enumerate(limits)
+    }
+
+
+# ---------------------------------------------------------------- exact limits, many rounds
+
+
+async def test_twenty_rounds_of_200_at_once_one_process(env: Env) -> None:
+    rng = random.Random(20261126)
+    limits = [rng.randint(1, 100) for _ in range(20)]
+    env.write_users(round_users(limits))
+    env.upstream.delay = 0.01
+    client = await env.start(concurrency=200, queue_size=200)
+    for i, limit in enumerate(limits):
+        key = f"sk-round-{i:04d}-key"
+        results = await asyncio.gather(*(client.call(VALID, key=key) for _ in range(200)))
+        codes = [r[0] for r in results]
+        assert codes.count(200) == limit, (i, limit)
+        assert codes.count(429) == 200 - limit
+    stats = (await client.status())["stats"]
+    assert stats["today_requests"] == sum(limits)
+
+
+async def test_twenty_rounds_of_200_at_once_two_processes(env: Env, procs, tmp_path: Path) -> None:
+    rng = random.Random(7)
+    limits = [rng.randint(1, 100) for _ in range(20)]
+    env.write_users(round_users(limits))
+    env.upstream.delay = 0.01
+    extra = ("--concurrency=200", "--queue-size=200")
+    a = procs(proc_args(env, *extra), tmp_path / "a.log", KEY_ENV)
+    b = procs(proc_args(env, *extra), tmp_path / "b.log", KEY_ENV)
+    await asyncio.gather(a.ready(), b.ready())
+    from test_processes import post  # the raw client of the process tests
+
+    for i, limit in enumerate(limits):
+        key = f"sk-round-{i:04d}-key"
+        results = await asyncio.gather(
+            *(post(env.http, (a if n % 2 else b).base, key) for n in range(200))
+        )
+        codes = [c for c, _ in results]
+        assert codes.count(200) == limit, (i, limit, codes.count(599))
+        assert codes.count(429) == 200 - limit
+    assert len(env.upstream.requests) == sum(limits)
+
+
+# ---------------------------------------------------------------- crash loop
+
+
+async def test_crash_loop_twenty_kill_9_cycles(env: Env, procs, tmp_path: Path) -> None:
+    from test_processes import assert_data_parses, post, status
+
+    env.write_users({"alice": {"api_key": ALICE_KEY, "daily_request_limit": 10**9}})
+    env.upstream.delay = 0.005
+    rng = random.Random(99)
+    answered = 0
+    for cycle in range(20):
+        p: Proc = procs(proc_args(env), tmp_path / f"c{cycle}.log", KEY_ENV)
+        await p.ready()
+        codes: list[int] = []
+
+        async def client_loop(p: Proc = p, codes: list[int] = codes) -> None:
+            while True:
+                code, _ = await post(env.http, p.base)
+                codes.append(code)
+                if code == 599:
+                    return
+
+        loops = [asyncio.ensure_future(client_loop()) for _ in range(8)]
+        await asyncio.sleep(rng.uniform(0.05, 0.5))
+        p.kill(signal.SIGKILL)
+        await asyncio.gather(*loops)
+        await p.wait()
+        assert set(codes) <= {200, 599}
+        ok, cut = codes.count(200), codes.count(599)
+        assert_data_parses(env.data_dir)
+        t0 = time.monotonic()
+        q = procs(proc_args(env), tmp_path / f"r{cycle}.log", KEY_ENV)
+        await q.ready(timeout=2)
+        assert time.monotonic() - t0 < 2  # serving again within 2 s
+        recorded = (await status(env.http, q.base))["today_requests"]
+        assert answered + ok <= recorded <= answered + ok + cut
+        answered = recorded
+        q.kill(signal.SIGTERM)
+        assert await q.wait() == 0
+
+
+# ---------------------------------------------------------------- power loss
+
+
+STEP_SCRIPT = """
+import os, sys
+sys.path.insert(0, {root!r})
+import gateway
+step = int(sys.argv[1])
+calls = {{"n": 0}}
+real = {{"write": os.write, "fsync": os.fsync, "replace": os.replace}}
+def crash_at(name):
+    def f(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os._exit(9)  # the machine stops here
+        return real[name](*a, **k)
+    return f
+os.write = crash_at("write"); os.fsync = crash_at("fsync"); os.replace = crash_at("replace")
+gateway.atomic_write(gateway.Path(sys.argv[2]), b'{{"version": "new"}}')
+"""
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 4, 5])
+def test_snapshot_write_crash_at_every_step_leaves_old_or_new(tmp_path: Path, step: int) -> None:
+    """Steps: write data, fsync file, rename, fsync dir (and past the end: no crash)."""
+    target = tmp_path / "2026-11-26.json"
+    target.write_text('{"version": "old"}')
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT.format(root=str(ROOT)))
+    proc = subprocess.run([sys.executable, str(script), str(step), str(target)], timeout=30)
+    assert proc.returncode in (0, 9)
+    assert json.loads(target.read_text())["version"] in ("old", "new")
+    if proc.returncode == 0:
+        assert json.loads(target.read_text())["version"] == "new"
+
+
+async def test_torn_journal_tail_fails_closed_for_its_user(env: Env) -> None:
+    client = await env.start()
+    for key in (ALICE_KEY, CAROL_KEY):
+        assert (await client.call(VALID, key=key))[0] == 200
+    day = env.gateways[0].clock.today()
+    await env.stop()
+    journal = env.data_dir / f"{day}.jsonl"
+    (env.data_dir / f"{day}.json").unlink()  # the snapshot would hide nothing, but be sure
+    with journal.open("ab") as f:
+        f.write(b'\n{"u":"alice","k":"s","id":"lost-1","n":1')  # power cut mid-record
+    client = await env.start()
+    status, doc, _ = await client.call(VALID)
+    assert status == 500  # alice: refused, not reset
+    assert (await client.call(VALID, key=CAROL_KEY))[0] == 200  # carol: unaffected
+    stats = (await client.status())["stats"]
+    assert stats["today_requests"] == 3
+
+
+# ---------------------------------------------------------------- disk full
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root and must be able to mount a tmpfs")
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+async def test_disk_full_fails_clearly_charges_nothing_and_recovers(
+    env: Env, small_disk: Path
+) -> None:
+    client = await env.start(data_dir=str(small_disk / "data"))
+    assert (await client.call(VALID))[0] == 200
+    filler = small_disk / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass
+    for _ in range(3):
+        status, doc, _ = await client.call(VALID)
+        assert status == 500
+        assert doc["message"] == "系统配置错误"
+        assert "usage store" in doc["data"]["error"]
+    filler.unlink()
+    status, doc, _ = await client.call(VALID)
+    assert status == 200
+    assert doc["data"]["daily_limits"]["requests"]["used"] == 2  # the failed ones cost nothing
+
+
+# ---------------------------------------------------------------- backpressure and slow clients
+
+
+async def test_backpressure_overflow_is_refused_fast_and_free(env: Env) -> None:
+    env.upstream.delay = 0.3
+    client = await env.start(concurrency=4, queue_size=8)
+
+    async def timed() -> tuple[int, float]:
+        t0 = time.monotonic()
+        status, _, _ = await client.call(VALID)
+        return status, time.monotonic() - t0
+
+    results = await asyncio.gather(*(timed() for _ in range(5 * (4 + 8))))
+    ok = [t for s, t in results if s == 200]
+    full = [t for s, t in results if s == 503]
+    assert len(ok) == 12 and len(full) == 48
+    assert max(full) < 0.1
+    assert (await client.status())["stats"]["today_requests"] == 12
+
+
+async def test_300_slowloris_sockets_do_not_hold_up_a_normal_client(env: Env) -> None:
+    client = await env.start(idle_timeout=1.0, body_timeout=1.0)
+    port = int(client.base.rsplit(":", 1)[1])
+    slow = []
+    for n in range(300):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /api/call.php HTTP/1.1\r\nHost: x\r\n" if n % 2 else b"GE")
+        slow.append((reader, writer))
+    latencies = []
+    for _ in range(40):
+        t0 = time.monotonic()
+        assert (await client.call(VALID))[0] == 200
+        latencies.append(time.monotonic() - t0)
+    latencies.sort()
+    assert latencies[int(0.99 * len(latencies))] < 0.2
+    closed = await asyncio.gather(*(asyncio.wait_for(r.read(), 5) for r, _ in slow))
+    assert all(data == b"" for data in closed)  # every slow socket was closed by the server
+    for _, w in slow:
+        w.close()
+
+
+# ---------------------------------------------------------------- upstream faults
+
+
+async def test_a_thousand_upstream_faults_leak_no_memory(env: Env, procs, tmp_path: Path) -> None:
+    from test_processes import post
+
+    env.upstream.status = 503
+    p = procs(proc_args(env, "--concurrency=16"), tmp_path / "faults.log", KEY_ENV)
+    await p.ready()
+
+    def rss_kb() -> int:
+        text = Path(f"/proc/{p.proc.pid}/status").read_text()
+        return int(next(ln for ln in text.splitlines() if ln.startswith("VmRSS")).split()[1])
+
+    async def burst(n: int) -> list[int]:
+        return [c for c, _ in await asyncio.gather(*(post(env.http, p.base) for _ in range(n)))]
+
+    await burst(200)  # warm up
+    before = rss_kb()
+    codes = []
+    for _ in range(10):
+        codes += await burst(100)
+    assert codes == [502] * 1000
+    assert rss_kb() - before < 20 * 1024
+
+
+# ---------------------------------------------------------------- property-based fuzzing
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=300), JSON_VALUES.map(lambda v: json.dumps(v).encode())))
+def test_request_validation_never_fails_with_anything_but_a_400(body: bytes) -> None:
+    try:
+        doc = gateway.parse_json_object(body)
+        gateway.validate_chat(doc)
+        gateway.validate_chat_stream(doc)
+    except gateway.GatewayError as e:
+        assert e.status == 400
+        assert e.message == "请求参数错误"
+        assert isinstance(e.data, dict) and e.data["error"]
+
+
+YAML_TEXT = st.one_of(
+    st.text(max_size=200),
+    st.dictionaries(
+        st.sampled_from(["defaults", "users", "x-a", "other"]),
+        st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=3) | JSON_VALUES,
+        max_size=3,
+    ).map(lambda d: json.dumps(d)),  # JSON is YAML
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(YAML_TEXT)
+def test_users_loader_refuses_with_a_config_error_or_loads(text: str) -> None:
+    try:
+        users = gateway.parse_users(text)
+    except gateway.ConfigError as e:
+        assert str(e)
+        return
+    for user in users.values():
+        assert user.daily_request_limit >= 0 and user.daily_token_limit >= 0
+        assert len(user.key_sha256) == 32
