@@ -623,7 +623,14 @@ class _Ledger:
             rec = json.loads(line)
             self._apply(rec)
         except (ValueError, KeyError, TypeError, AttributeError):
-            self._taint(line)
+            if line.startswith(b'{"') and not line.endswith(b"}"):
+                # Cut short by a full disk or a crash mid-write: the writer got an error (or
+                # died) before answering, so the call it records was never acknowledged.
+                log.warning(
+                    "skipping a record cut short in %s near byte %d", self.journal, self.pos
+                )
+            else:
+                self._taint(line)
 
     def _taint(self, line: bytes) -> None:
         where = f"{self.journal} near byte {self.pos}"

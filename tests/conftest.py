@@ -306,6 +306,14 @@ class Env:
             await g.stop()
 
 
+@pytest.fixture
+async def penv(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Env]:
+    """An Env for tests of gateway processes, which pick their client themselves."""
+    e = Env(tmp_path, upstream, Clock(), "auto")
+    yield e
+    e.http.close()
+
+
 @pytest.fixture(params=["curl", "simple"])
 async def env(
     request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream
@@ -408,3 +416,45 @@ def proc_args(e: Env, *extra: str) -> list[str]:
         "--reload-interval=0.2",
         *extra,
     ]
+
+
+# ---------------------------------------------------------------- helpers for process tests
+
+KEY_ENV = {"UPSTREAM_API_KEY": UPSTREAM_KEY}
+VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def post(
+    http: tornado.httpclient.AsyncHTTPClient, base: str, key: str = ALICE_KEY
+) -> tuple[int, dict]:
+    try:
+        resp = await http.fetch(
+            base + "/api/call.php",
+            method="POST",
+            body=json.dumps(VALID),
+            headers={"X-API-Key": key, "Content-Type": "application/json"},
+            raise_error=False,
+            request_timeout=30,
+        )
+    except (OSError, tornado.httpclient.HTTPClientError):
+        return 599, {}  # no answer: the process died under this call
+    if resp.code == 599:
+        return 599, {}
+    return resp.code, json.loads(resp.body)
+
+
+async def status(http: tornado.httpclient.AsyncHTTPClient, base: str) -> dict:
+    resp = await http.fetch(base + "/api/status.php")
+    return json.loads(resp.body)["data"]["stats"]
+
+
+def assert_data_parses(data_dir: Path) -> None:
+    """Every file under data/ parses: snapshots whole, journals line by line."""
+    for path in data_dir.glob("*.json"):
+        json.loads(path.read_text())
+    for path in data_dir.glob("*.jsonl"):
+        text = path.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        for line in complete.split("\n"):
+            if line:
+                json.loads(line)

@@ -64,7 +64,7 @@ async def test_unreadable_record_fails_closed_for_its_user_only(
     await env.stop()
     journal = env.data_dir / f"{day}.jsonl"
     with journal.open("ab") as f:
-        f.write(b'\n{"u":"alice","k":"s","id":"x-1","n":\x00\xff broken\n')
+        f.write(b'\n{"u":"alice","k":"s","id":"x-1","n":\x00\xff broken}\n')
     with caplog.at_level(logging.ERROR, logger="gateway"):
         client = await env.start()
     status, doc, _ = await client.call(VALID)
