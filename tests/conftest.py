@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -73,6 +74,7 @@ class FakeUpstream:
     stream_finished: bool = False
     client_left: asyncio.Event = field(default_factory=asyncio.Event)
     models_calls: int = 0
+    reset: bool = False  # reset the connection instead of answering
 
     @property
     def url(self) -> str:
@@ -134,6 +136,12 @@ class _ChatHandler(tornado.web.RequestHandler):
                 await asyncio.sleep(fake.delay)
         finally:
             fake.in_flight -= 1
+        if fake.reset:
+            # An abrupt RST instead of an answer.
+            sock = self.request.connection.stream.socket  # type: ignore[union-attr]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.request.connection.stream.close()  # type: ignore[union-attr]
+            return
         self.set_status(fake.status)
         for k, v in fake.headers.items():
             self.set_header(k, v)

@@ -15,12 +15,15 @@ from pathlib import Path
 import pytest
 from conftest import (
     ALICE_KEY,
+    ALL_SECRETS,
     CAROL_KEY,
     KEY_ENV,
     ROOT,
     Env,
     Proc,
     assert_data_parses,
+    data_text,
+    free_port,
     post,
     proc_args,
     status,
@@ -116,6 +119,11 @@ async def test_crash_loop_twenty_kill_9_cycles(penv: Env, procs, tmp_path: Path)
         answered = recorded
         q.kill(signal.SIGTERM)
         assert await q.wait() == 0
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
+    assert "gateway listening" in logs
+    for secret in ALL_SECRETS:
+        assert secret not in logs
+        assert secret not in data_text(penv.data_dir)
 
 
 # ---------------------------------------------------------------- power loss
@@ -292,6 +300,44 @@ async def test_a_thousand_upstream_faults_leak_no_memory(penv: Env, procs, tmp_p
         codes += await burst(100)
     assert codes == [502] * 1000
     assert rss_kb() - before < 20 * 1024
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "error"),
+    [
+        ("refused", None, "connection failed: "),
+        ("reset", None, "connection failed: "),
+        ("hang", None, "timeout: "),
+        ("429", 429, "upstream says no (429)"),
+        ("500", 500, "upstream says no (500)"),
+        ("not json", 200, "not a JSON object"),
+    ],
+)
+async def test_upstream_faults_answer_502_within_the_timeout_and_cost_nothing(
+    env: Env, fault: str, status: int | None, error: str
+) -> None:
+    timeout = 1.0
+    overrides: dict[str, object] = {"upstream_timeout": timeout}
+    if fault == "refused":
+        overrides["upstream_base_url"] = f"http://127.0.0.1:{free_port()}/v1"
+    elif fault == "reset":
+        env.upstream.reset = True
+    elif fault == "hang":
+        env.upstream.delay = 30.0
+    elif fault == "not json":
+        env.upstream.body = b"<html>502 from a proxy</html>"
+    else:
+        env.upstream.status = int(fault)
+        env.upstream.headers = {"Retry-After": "7"}
+    client = await env.start(**overrides)
+    t0 = time.monotonic()
+    code, doc, _ = await client.call(VALID)
+    assert time.monotonic() - t0 < timeout + 1
+    assert code == 502
+    assert doc["message"] == "大模型API调用失败"
+    assert doc["data"]["upstream_status"] == status
+    assert error in doc["data"]["error"]
+    assert (await client.status())["stats"]["today_requests"] == 0
 
 
 # ---------------------------------------------------------------- property-based fuzzing
