@@ -169,8 +169,9 @@ class GatewayModel(RuleBasedStateMachine):
         assert gw is not None and gw.server is not None
         gw.server.stop()
         self.run(gw.server.close_all_connections())
-        for task in gw._chores:
-            task.cancel()
+        assert gw.relay is not None
+        for task in [*gw._chores, *gw.relay.queue._workers]:
+            task.cancel()  # the process is gone, its tasks with it
         store = gw.store
         for ledger in store._ledgers.values():
             ledger.close()
