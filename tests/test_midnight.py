@@ -7,6 +7,7 @@ import json
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+import pytest
 from conftest import ALICE_KEY, Env
 
 import gateway
@@ -65,6 +66,37 @@ async def test_clock_jumping_back_does_not_reset_twice(env: Env) -> None:
     assert (await client.call(VALID))[0] == 200  # yesterday's count, which had room
     env.clock.t = at("2026-11-27T00:31:00")
     assert (await client.call(VALID))[0] == 429  # today's count was not reset
+
+
+async def test_clock_jumping_forward_two_days_starts_a_fresh_day(env: Env) -> None:
+    env.write_users({"alice": {"api_key": ALICE_KEY, "daily_request_limit": 1}})
+    env.clock.t = at("2026-11-26T12:00:00")
+    client = await env.start()
+    assert (await client.call(VALID))[0] == 200
+    assert (await client.call(VALID))[0] == 429
+    env.clock.t = at("2026-11-28T12:00:00")
+    status, doc, _ = await client.call(VALID)
+    assert status == 200
+    assert doc["data"]["daily_limits"]["requests"]["used"] == 1
+    assert sorted(p.name for p in env.data_dir.glob("*.jsonl")) == [
+        "2026-11-26.jsonl",
+        "2026-11-28.jsonl",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("day", "hours"),
+    [("2025-03-09", 23), ("2025-11-02", 25), ("2026-03-08", 23), ("2026-11-01", 25)],
+)
+def test_dst_days_in_new_york(day: str, hours: int) -> None:
+    ny = ZoneInfo("America/New_York")
+    clock = gateway.DayClock(ny, lambda: at(f"{day}T00:00:00", ny))
+    assert clock.today() == day
+    assert clock.seconds_to_midnight() == hours * 3600
+    # a request admitted a tenth of a second before midnight belongs to that day
+    clock = gateway.DayClock(ny, lambda: at(f"{day}T00:00:00", ny) + hours * 3600 - 0.1)
+    assert clock.today() == day
+    assert clock.seconds_to_midnight() == 1
 
 
 def test_day_clock_across_dst_transitions() -> None:
