@@ -63,8 +63,11 @@ MSG_QUEUE_FULL = "队列已满"
 MSG_NOT_FOUND = "接口不存在"
 MSG_METHOD = "请求方法不允许"
 MSG_TOO_LARGE = "请求体过大"
+MSG_HEADERS_TOO_LARGE = "请求头过大"
 MSG_INTERNAL = "系统内部错误"
 MSG_STOPPING = "服务正在停止"
+
+MAX_HEADER_BYTES = 32 * 1024  # request headers, names and values together
 
 MESSAGE_BY_STATUS = {
     400: MSG_BAD_REQUEST,
@@ -72,6 +75,7 @@ MESSAGE_BY_STATUS = {
     404: MSG_NOT_FOUND,
     405: MSG_METHOD,
     413: MSG_TOO_LARGE,
+    431: MSG_HEADERS_TOO_LARGE,
     502: MSG_UPSTREAM,
     503: MSG_QUEUE_FULL,
 }
@@ -1758,6 +1762,14 @@ class BaseHandler(tornado.web.RequestHandler):
         self.relay = relay
         self.user: User | None = None
 
+    def prepare(self) -> Awaitable[None] | None:
+        # Tornado reads up to MAX_HEADER_BYTES * 4 of headers (beyond that it drops the
+        # connection); between the two, the client gets a clear 431.
+        size = sum(len(k) + len(v) for k, v in self.request.headers.get_all())
+        if size > MAX_HEADER_BYTES:
+            raise GatewayError(431, MSG_HEADERS_TOO_LARGE, {"max_header_bytes": MAX_HEADER_BYTES})
+        return None
+
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
@@ -1831,6 +1843,7 @@ class BodyHandler(BaseHandler, StreamSink):
     # prepare() and data_received() return an awaitable only when refusing: no coroutine per
     # request on the common path.
     def prepare(self) -> Awaitable[None] | None:
+        super().prepare()
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > self._limit:
             return self._refuse_too_large()
@@ -1906,6 +1919,7 @@ _OPENAI_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     502: "upstream_error",
 }
@@ -1920,6 +1934,7 @@ _OPENAI_CODES = {
     MSG_NOT_FOUND: "not_found",
     MSG_METHOD: "method_not_allowed",
     MSG_TOO_LARGE: "request_too_large",
+    MSG_HEADERS_TOO_LARGE: "headers_too_large",
     MSG_INTERNAL: "internal_error",
     MSG_STOPPING: "shutting_down",
 }
@@ -2200,6 +2215,7 @@ class Gateway:
             make_app(self.relay),
             xheaders=config.xheaders,
             max_body_size=max(2 * config.max_body_size, 1024 * 1024),
+            max_header_size=4 * MAX_HEADER_BYTES,
             idle_connection_timeout=config.idle_timeout,
             body_timeout=config.body_timeout,
         )

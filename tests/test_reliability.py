@@ -235,6 +235,45 @@ async def test_disk_full_fails_clearly_charges_nothing_and_recovers(
     assert doc["data"]["daily_limits"]["requests"]["used"] == charged + 1
 
 
+async def test_read_only_journal_fails_clearly_and_recovers(env: Env) -> None:
+    client = await env.start()
+    assert (await client.call(VALID))[0] == 200
+    journal = env.data_dir / f"{env.gateways[0].clock.today()}.jsonl"
+    # chattr +i: not even root may write, through the gateway's open file too
+    if subprocess.run(["chattr", "+i", str(journal)], capture_output=True).returncode:
+        pytest.skip("this file system has no immutable attribute (chattr +i)")
+    try:
+        for _ in range(3):
+            code, doc, _ = await client.call(VALID)
+            assert code == 500
+            assert doc["message"] == "系统配置错误"
+            assert "usage store" in doc["data"]["error"]
+    finally:
+        subprocess.run(["chattr", "-i", str(journal)], check=True)
+    code, doc, _ = await client.call(VALID)
+    assert code == 200
+    assert doc["data"]["daily_limits"]["requests"]["used"] == 2  # the refused calls cost nothing
+
+
+async def test_oversized_headers_get_a_431_and_cost_nothing(env: Env) -> None:
+    client = await env.start()
+    for path in ("/api/call.php", "/v1/chat/completions"):
+        code, doc, _ = await client.call(VALID, path=path, headers={"X-Pad": "a" * 64 * 1024})
+        assert code == 431
+        message = doc["message"] if "message" in doc else doc["error"]["message"]
+        assert message.startswith("请求头过大")
+    # far beyond the limit Tornado drops the connection without reading on
+    port = int(client.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 200_000 + b"\r\n\r\n")
+    try:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        pass  # closed with the rest unread: a reset
+    writer.close()
+    assert (await client.status())["stats"]["today_requests"] == 0
+
+
 # ---------------------------------------------------------------- backpressure and slow clients
 
 
