@@ -62,12 +62,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--max-growth-mb", type=float, default=20.0)
+    p.add_argument("--client", choices=["auto", "curl", "simple"], default="auto")
     args = p.parse_args()
     bench = Bench(SimpleNamespace(smoke=True, tool="python", repeat=1, seconds=1.0))
     try:
         up = bench.upstream(chunks=5)
         users = bench.users_file(10, f"  limited: {{api_key: {LIMITED}, daily_request_limit: 5}}\n")
-        gw = bench.gateway(up, users=users)
+        gw = bench.gateway(up, client=args.client, users=users)
         # a second gateway whose upstream is a closed port: every admitted call is a 502
         data = Path(tempfile.mkdtemp(dir=bench.tmp))
         broken = bench.spawn(
