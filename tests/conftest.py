@@ -412,6 +412,15 @@ def procs() -> Callable[..., Proc]:
         p.log.close()
 
 
+@pytest.fixture
+async def demo(procs: Callable[..., Proc], tmp_path: Path) -> Proc:
+    p = procs(
+        ["--demo", "--host=127.0.0.1", f"--data-dir={tmp_path / 'data'}"], tmp_path / "demo.log"
+    )
+    await p.ready()
+    return p
+
+
 def proc_args(e: Env, *extra: str) -> list[str]:
     if not e.users_file.exists():
         e.write_users()

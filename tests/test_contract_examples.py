@@ -19,15 +19,6 @@ from conftest import Proc
 EXAMPLES = Path(__file__).parent / "contract"
 
 
-@pytest.fixture
-async def demo(procs, tmp_path: Path) -> Proc:
-    p = procs(
-        ["--demo", "--host=127.0.0.1", f"--data-dir={tmp_path / 'data'}"], tmp_path / "demo.log"
-    )
-    await p.ready()
-    return p
-
-
 async def run_example(demo: Proc, tmp_path: Path, name: str, argv: list[str]) -> str:
     text = (EXAMPLES / name).read_text().replace("https://your-domain", demo.base)
     script = tmp_path / name

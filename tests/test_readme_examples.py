@@ -22,15 +22,6 @@ def snippet(language: str, starts: str) -> str:
     raise AssertionError(f"no {language} snippet starting with {starts!r} in README.md")
 
 
-@pytest.fixture
-async def demo(procs, tmp_path: Path) -> Proc:
-    p = procs(
-        ["--demo", "--host=127.0.0.1", f"--data-dir={tmp_path / 'data'}"], tmp_path / "demo.log"
-    )
-    await p.ready()
-    return p
-
-
 async def run(argv: list[str], cwd: Path, timeout: float = 60) -> str:
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
