@@ -9,11 +9,14 @@ Users:  users.yaml, reloaded on change (format in README.md).  Counters: data/YY
 from __future__ import annotations
 
 import abc
+import argparse
 import asyncio
+import csv
 import dataclasses
 import gc
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -379,6 +382,194 @@ class UserDirectory:
 
 
 # ---------------------------------------------------------------------------------------------
+# Editing users.yaml in place (the `user` commands and the dashboard)
+# ---------------------------------------------------------------------------------------------
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
+
+
+def new_api_key() -> str:
+    """A fresh user key: sk- and 32 random bytes, URL-safe base64 (43 characters)."""
+    return "sk-" + secrets.token_urlsafe(32)
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _yaml_name(name: str) -> str:
+    if _PLAIN_NAME.match(name) and name.lower() not in _YAML_WORDS:
+        return name
+    return json.dumps(name, ensure_ascii=False)  # a JSON string is a YAML string too
+
+
+def _line_end(text: str, index: int) -> int:
+    """The index just past the newline of the line holding `index` (or the end of text)."""
+    nl = text.find("\n", index)
+    return len(text) if nl < 0 else nl + 1
+
+
+def _last_index(node: yaml.Node) -> int:
+    """Where the last scalar under a node ends (a block's own end mark lies past comments)."""
+    if isinstance(node, yaml.ScalarNode):
+        return int(node.end_mark.index)
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = list(node.value)
+    return max((_last_index(n) for n in children), default=int(node.start_mark.index))
+
+
+class UsersEdit:
+    """Text edits to users.yaml that touch only the lines they change.
+
+    Positions come from PyYAML's composed nodes, so comments, blank lines, order, quoting
+    and anchors elsewhere in the file stay exactly as the administrator wrote them.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        try:
+            self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"not valid YAML: {e}") from None
+        parse_users(text, demo=True)  # refuse to edit a file that is already broken
+
+    def _users_node(self) -> tuple[yaml.Node, yaml.Node] | None:
+        if not isinstance(self.root, yaml.MappingNode):
+            return None
+        for key, value in self.root.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == "users":
+                return key, value
+        return None
+
+    def _entry(self, name: str) -> yaml.MappingNode:
+        found = self._users_node()
+        if found and isinstance(found[1], yaml.MappingNode):
+            for key, value in found[1].value:
+                if isinstance(key, yaml.ScalarNode) and key.value == name:
+                    if not isinstance(value, yaml.MappingNode) or value.start_mark.index < (
+                        key.end_mark.index
+                    ):
+                        raise ConfigError(
+                            f"users.{name} is written through an alias; edit it by hand"
+                        )
+                    return value
+        raise LookupError(name)
+
+    def names(self) -> list[str]:
+        found = self._users_node()
+        if not found or not isinstance(found[1], yaml.MappingNode):
+            return []
+        return [str(k.value) for k, _ in found[1].value]
+
+    def _splice(self, start: int, end: int, new: str) -> None:
+        self.text = self.text[:start] + new + self.text[end:]
+        self.root = yaml.compose(self.text, Loader=yaml.SafeLoader)
+
+    def set(self, name: str, field: str, value: str, replaces: str = "") -> None:
+        """Give users.NAME.FIELD this YAML value, in place if written, else on a new line.
+
+        `replaces` names a field that this one takes the place of (api_key for
+        api_key_sha256): its line is rewritten instead.
+        """
+        entry = self._entry(name)
+        for key, node in entry.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in (field, replaces):
+                start, end = key.start_mark.index, node.end_mark.index
+                if node.start_mark.index == node.end_mark.index:  # `field:` with no value
+                    end = node.start_mark.index
+                self._splice(start, end, f"{field}: {value}")
+                return
+        if entry.flow_style:
+            close = self.text.rindex("}", 0, entry.end_mark.index)
+            sep = ", " if entry.value else ""
+            self._splice(close, close, f"{sep}{field}: {value}")
+            return
+        column = entry.value[0][0].start_mark.column
+        at = _line_end(self.text, _last_index(entry))
+        line = " " * column + f"{field}: {value}\n"
+        if at == len(self.text) and not self.text.endswith("\n"):
+            line = "\n" + line
+        self._splice(at, at, line)
+
+    def add(self, name: str, fields: dict[str, str]) -> None:
+        """Append users.NAME with these fields after the last user."""
+        if name in self.names():
+            raise ConfigError(f"user {name!r} already exists")
+        found = self._users_node()
+        text = self.text
+        if found is None:
+            prefix = "" if not text or text.endswith("\n") else "\n"
+            at, indent, inner = len(text), 2, 2
+            head = prefix + "users:\n"
+        else:
+            key, users = found
+            head = ""
+            if isinstance(users, yaml.MappingNode) and users.value and not users.flow_style:
+                first_key, first_entry = users.value[0]
+                indent = first_key.start_mark.column
+                inner = 2
+                if isinstance(first_entry, yaml.MappingNode) and first_entry.value:
+                    if not first_entry.flow_style:
+                        inner = first_entry.value[0][0].start_mark.column - indent
+                at = _line_end(text, _last_index(users))
+                if at == len(text) and not text.endswith("\n"):
+                    head = "\n"
+            elif (isinstance(users, yaml.MappingNode) and not users.value) or (
+                isinstance(users, yaml.ScalarNode) and users.tag.endswith(":null")
+            ):
+                # `users:` or `users: {}`: the new block goes under the key.
+                start, end = users.start_mark.index, users.end_mark.index
+                if start != end:
+                    while start > key.end_mark.index + 1 and text[start - 1] == " ":
+                        start -= 1
+                    self._splice(start, end, "")
+                    text = self.text
+                at, indent, inner = _line_end(text, key.end_mark.index), 2, 2
+                if at == len(text) and not text.endswith("\n"):
+                    head = "\n"
+            else:
+                raise ConfigError("'users' is not written as a block mapping; edit it by hand")
+        lines = [head + " " * indent + f"{_yaml_name(name)}:\n"]
+        lines += [" " * (indent + inner) + f"{k}: {v}\n" for k, v in fields.items()]
+        self._splice(at, at, "".join(lines))
+
+
+def edit_users_file(path: str, change: Callable[[UsersEdit], None]) -> dict[str, User]:
+    """Apply `change` to users.yaml under a file lock; write only if the result is valid.
+
+    The file is replaced atomically (a running gateway sees the old or the new one, never
+    half), keeping its permissions. Returns the users of the new file.
+    """
+    target = Path(path)
+    lock = filelock.FileLock(str(target.with_name(f".{target.name}.lock")))
+    try:
+        with lock.acquire(timeout=10):
+            try:
+                text = target.read_text(encoding="utf-8")
+                mode = target.stat().st_mode & 0o777
+            except FileNotFoundError:
+                text, mode = "", 0o644
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot read {path}: {e}") from None
+            try:
+                edit = UsersEdit(text)
+                change(edit)
+                users = parse_users(edit.text, demo=True)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+            try:
+                atomic_write(target, edit.text.encode(), mode)
+            except StoreError as e:
+                raise ConfigError(str(e)) from None
+            return users
+    except filelock.Timeout:
+        raise ConfigError(f"{path} is locked by another edit (.{target.name}.lock)") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Days: "today" is the calendar day in the configured zone
 # ---------------------------------------------------------------------------------------------
 
@@ -481,6 +672,14 @@ class UsageStore(abc.ABC):
     def totals(self, day: str) -> tuple[int, int]: ...
 
     @abc.abstractmethod
+    async def reset(self, user: str, day: str) -> None:
+        """Zero a user's counts for the day (calls in flight are still charged)."""
+
+    @abc.abstractmethod
+    def usage(self, day: str) -> dict[str, tuple[int, int]]:
+        """Each user's (requests, tokens) charged on a day, including before resets."""
+
+    @abc.abstractmethod
     async def maintain(self, today: str) -> None:
         """Periodic housekeeping: free slots of dead processes, write snapshots."""
 
@@ -529,6 +728,9 @@ class _Ledger:
         self.requests = 0
         self.tokens = 0
         self.tainted: dict[str, str] = {}  # user -> why their records cannot be trusted
+        # user -> [requests, tokens] charged before an administrator's reset ('z' records):
+        # no longer counted against the limits, still part of the day's usage.
+        self.forgiven: dict[str, list[int]] = {}
         self.tainted_all = ""
         self.pos = 0  # bytes of the journal consumed (complete lines only)
         self.snapshot_pos = -1
@@ -563,6 +765,10 @@ class _Ledger:
             opened = {rid: (str(u), str(o)) for rid, (u, o) in snap["open"].items()}
             tainted = {str(u): str(why) for u, why in snap.get("tainted", {}).items()}
             tainted_all = str(snap.get("tainted_all", ""))
+            forgiven = {
+                str(u): [int(c["requests"]), int(c["tokens"])]
+                for u, c in snap.get("forgiven", {}).items()
+            }
             if not isinstance(offset, int) or offset < 0:
                 raise ValueError("bad journal_offset")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -580,10 +786,13 @@ class _Ledger:
             return
         self.counters, self.open = users, opened
         self.tainted, self.tainted_all = tainted, tainted_all
+        self.forgiven = forgiven
         for u, _ in opened.values():
             self.counter(u).reserved += 1
         self.requests = sum(c.requests for c in users.values())
         self.tokens = sum(c.tokens for c in users.values())
+        self.requests += sum(r for r, _ in forgiven.values())
+        self.tokens += sum(t for _, t in forgiven.values())
         self.pos = self.snapshot_pos = offset
 
     def catch_up(self, until: int = 0) -> None:
@@ -702,6 +911,14 @@ class _Ledger:
             owner = rec["o"]
             for rid in [rid for rid, (_, o) in self.open.items() if o == owner]:
                 self.counter(self.open.pop(rid)[0]).reserved -= 1
+        elif kind == "z":
+            # An administrator's reset: the day starts over for this user's limits. Calls in
+            # flight keep their slots and are charged when they finish.
+            c = self.counter(rec["u"])
+            f = self.forgiven.setdefault(rec["u"], [0, 0])
+            f[0] += c.requests
+            f[1] += c.tokens
+            c.requests = c.tokens = 0
         else:
             raise ValueError(f"unknown record kind {kind!r}")
 
@@ -761,6 +978,9 @@ class _Ledger:
             },
             "open": {rid: list(entry) for rid, entry in self.open.items()},
             "tainted": self.tainted,
+            "forgiven": {
+                u: {"requests": r, "tokens": t} for u, (r, t) in sorted(self.forgiven.items())
+            },
         }
         data = json.dumps(snap, ensure_ascii=False, indent=1).encode()
         loop = asyncio.get_running_loop()
@@ -786,16 +1006,27 @@ class _Ledger:
         finally:
             lock.release()
 
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Each user's requests and tokens charged this day, resets included."""
+        out: dict[str, tuple[int, int]] = {}
+        for user in set(self.counters) | set(self.forgiven):
+            c = self.counters.get(user) or Counts()
+            r, t = self.forgiven.get(user, (0, 0))
+            if c.requests + r or c.tokens + t:
+                out[user] = (c.requests + r, c.tokens + t)
+        return out
+
     def close(self) -> None:
         os.close(self.fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace path with data so that a crash at any point leaves the old or the new file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
+            os.fchmod(fd, mode)  # whatever the umask
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -863,9 +1094,12 @@ class JournalStore(UsageStore):
     async def reserve(self, user: User, day: str) -> Reservation:
         ledger = self._ledger(day)
         c = ledger.counter(user.name)
-        # Charged counts only grow during a day, so a user already at a limit in what this
-        # process has read so far is at it for sure, and is refused without a write (a flood
-        # of refused calls does not grow the journal). Everyone else is decided by the journal.
+        # Charged counts only grow during a day (an administrator's reset aside, which the
+        # catch-up reads), so a user already at a limit is at it for sure and is refused
+        # without a write: a flood of refused calls does not grow the journal. Everyone else
+        # is decided by the journal.
+        if c.requests >= user.daily_request_limit or c.tokens >= user.daily_token_limit:
+            ledger.catch_up()  # an administrator's reset may have been written since
         if ledger.tainted_all or user.name in ledger.tainted:
             raise QuotaExceeded("corrupt", c.copy())
         if c.requests >= user.daily_request_limit:
@@ -917,6 +1151,19 @@ class JournalStore(UsageStore):
     async def release(self, res: Reservation) -> None:
         ledger = self._ledger(res.day)
         ledger.append({"u": res.user, "k": "x", "id": res.id})
+
+    async def reset(self, user: str, day: str) -> None:
+        ledger = self._ledger(day)
+        end = ledger.append({"u": user, "k": "z", "t": int(self.clock.now() * 1000)})
+        await ledger.sync()
+        ledger.catch_up(until=end)
+
+    def usage(self, day: str) -> dict[str, tuple[int, int]]:
+        if day not in self._ledgers and not (self.root / f"{day}.jsonl").exists():
+            return {}  # a day with nothing recorded (or removed by --retention-days)
+        ledger = self._ledger(day)
+        ledger.catch_up()
+        return ledger.usage()
 
     def counts(self, user: str, day: str) -> Counts:
         ledger = self._ledger(day)
@@ -2266,6 +2513,264 @@ class Gateway:
 
 
 # ---------------------------------------------------------------------------------------------
+# Administration commands: python gateway.py user … | usage …
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFIG = 0, 1, 2
+
+
+class AdminError(Exception):
+    """A command that cannot be done as asked (unknown user, duplicate…): exit status 1."""
+
+
+def _admin_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--users-file", help="users file (GATEWAY_USERS_FILE; users.yaml)")
+    common.add_argument("--data-dir", help="data directory (GATEWAY_DATA_DIR; data)")
+    common.add_argument(
+        "--timezone", help="IANA zone for 'today', as the gateway's (GATEWAY_TIMEZONE)"
+    )
+    formats = ("table", "csv", "json")
+    top = argparse.ArgumentParser(
+        prog="gateway.py", description="Manage users and read usage; see README 'Operating'."
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+    user = sub.add_parser("user", help="manage users in users.yaml", parents=[common])
+    actions = user.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add a user; prints the new key once", parents=[common])
+    add.add_argument("name")
+    for p in (add, actions.add_parser("limits", help="set daily limits", parents=[common])):
+        if p is not add:
+            p.add_argument("name")
+        p.add_argument("--requests", type=int, help="daily request limit (default: defaults)")
+        p.add_argument("--tokens", type=int, help="daily token limit (default: defaults)")
+    lst = actions.add_parser("list", help="users, limits and today's usage", parents=[common])
+    lst.add_argument("--format", choices=formats, default="table")
+    for action, text in (
+        ("disable", "refuse the user's key (401) until enabled"),
+        ("enable", "accept the user's key again"),
+        ("rotate", "new key (printed once); the old one stops working"),
+        ("reset", "zero today's counters (calls in flight are still charged)"),
+    ):
+        actions.add_parser(action, help=text, parents=[common]).add_argument("name")
+    usage = sub.add_parser("usage", help="requests and tokens per user per day", parents=[common])
+    when = usage.add_mutually_exclusive_group()
+    when.add_argument("--date", help="one day, YYYY-MM-DD")
+    when.add_argument("--days", type=int, default=1, help="the last N days up to today (1)")
+    usage.add_argument("--user", help="only this user")
+    usage.add_argument("--format", choices=formats, default="table")
+    return top
+
+
+def _emit(rows: list[dict[str, Any]], fmt: str, columns: list[str]) -> str:
+    if fmt == "json":
+        return json.dumps(rows, ensure_ascii=False, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().rstrip("\n")
+    cells = [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(
+            v.rjust(w) if i else v.ljust(w)
+            for i, (v, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in cells
+    )
+
+
+class Admin:
+    """The `user` and `usage` commands, on the same files a running gateway uses."""
+
+    def __init__(self, users_file: str, data_dir: str, timezone: str) -> None:
+        self.users_file = users_file
+        self.clock = DayClock(Config(timezone=timezone).tz())
+        self.store = JournalStore(data_dir, self.clock)
+
+    def _users(self) -> dict[str, User]:
+        try:
+            text = Path(self.users_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {self.users_file}: {e}") from None
+        try:
+            return parse_users(text, demo=True)
+        except ConfigError as e:
+            raise ConfigError(f"{self.users_file}: {e}") from None
+
+    def _edit(self, name: str, change: Callable[[UsersEdit], None]) -> dict[str, User]:
+        def checked(edit: UsersEdit) -> None:
+            if name not in edit.names():
+                raise AdminError(f"no user {name!r} in {self.users_file}")
+            change(edit)
+
+        return edit_users_file(self.users_file, checked)
+
+    def add(self, name: str, requests: int | None, tokens: int | None) -> str:
+        if not _NAME_RE.match(name):
+            raise ConfigError(f"user name {name!r}: 1-64 printable characters, no quotes")
+        key = new_api_key()
+        fields = {"api_key_sha256": key_digest(key)}
+        if requests is not None:
+            fields["daily_request_limit"] = str(_limit(requests, "--requests"))
+        if tokens is not None:
+            fields["daily_token_limit"] = str(_limit(tokens, "--tokens"))
+
+        def change(edit: UsersEdit) -> None:
+            if name in edit.names():
+                raise AdminError(f"user {name!r} already exists in {self.users_file}")
+            edit.add(name, fields)
+
+        edit_users_file(self.users_file, change)
+        return key
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        self._edit(name, lambda e: e.set(name, "enabled", "true" if enabled else "false"))
+
+    def limits(self, name: str, requests: int | None, tokens: int | None) -> User:
+        if requests is None and tokens is None:
+            raise ConfigError("give --requests N, --tokens N or both")
+
+        def change(edit: UsersEdit) -> None:
+            if requests is not None:
+                edit.set(name, "daily_request_limit", str(_limit(requests, "--requests")))
+            if tokens is not None:
+                edit.set(name, "daily_token_limit", str(_limit(tokens, "--tokens")))
+
+        return self._edit(name, change)[name]
+
+    def rotate(self, name: str) -> str:
+        key = new_api_key()
+        self._edit(name, lambda e: e.set(name, "api_key_sha256", key_digest(key), "api_key"))
+        return key
+
+    async def reset(self, name: str) -> Counts:
+        if name not in self._users():
+            raise AdminError(f"no user {name!r} in {self.users_file}")
+        day = self.clock.today()
+        before = self.counts(day).get(name, Counts())
+        try:
+            self.store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise StoreError(f"cannot create {self.store.root}: {e.strerror}") from None
+        await self.store.reset(name, day)
+        return before
+
+    def counts(self, day: str) -> dict[str, Counts]:
+        """Counts against the limits on a day; reads only, creates no file."""
+        if not (self.store.root / f"{day}.jsonl").exists():
+            return {}
+        ledger = self.store._ledger(day)
+        ledger.catch_up()
+        return {u: c.copy() for u, c in ledger.counters.items()}
+
+    def list_rows(self) -> list[dict[str, Any]]:
+        counts = self.counts(self.clock.today())
+        rows = []
+        for u in self._users().values():
+            c = counts.get(u.name, Counts())
+            used = c.requests + c.reserved
+            rows.append(
+                {
+                    "name": u.name,
+                    "enabled": u.enabled,
+                    "requests_today": used,
+                    "request_limit": u.daily_request_limit,
+                    "requests_left": max(0, u.daily_request_limit - used),
+                    "tokens_today": c.tokens,
+                    "token_limit": u.daily_token_limit,
+                    "tokens_left": max(0, u.daily_token_limit - c.tokens),
+                }
+            )
+        return rows
+
+    def usage_rows(self, days: list[str], user: str | None) -> list[dict[str, Any]]:
+        rows = []
+        for day in days:
+            for name, (requests, tokens) in sorted(self.store.usage(day).items()):
+                if user is None or name == user:
+                    rows.append({"date": day, "user": name, "requests": requests, "tokens": tokens})
+        return rows
+
+    def days(self, on: str | None, last: int) -> list[str]:
+        if on is not None:
+            try:
+                return [date.fromisoformat(on).isoformat()]
+            except ValueError:
+                raise ConfigError(f"--date {on!r} is not YYYY-MM-DD") from None
+        if not 1 <= last <= 3660:
+            raise ConfigError("--days must be 1..3660")
+        today = date.fromisoformat(self.clock.today())
+        return [(today - timedelta(days=n)).isoformat() for n in range(last - 1, -1, -1)]
+
+
+def admin_main(argv: list[str], env: dict[str, str]) -> int:
+    """Run one administration command; exit 0 done, 1 not found or duplicate, 2 bad input."""
+    args = _admin_parser().parse_args(argv)
+    admin = Admin(
+        args.users_file or env.get("GATEWAY_USERS_FILE") or Config.users_file,
+        args.data_dir or env.get("GATEWAY_DATA_DIR") or Config.data_dir,
+        args.timezone or env.get("GATEWAY_TIMEZONE") or Config.timezone,
+    )
+    out = sys.stdout
+    try:
+        if args.command == "usage":
+            rows = admin.usage_rows(admin.days(args.date, args.days), args.user)
+            print(_emit(rows, args.format, ["date", "user", "requests", "tokens"]), file=out)
+            return EXIT_OK
+        action, name = args.action, str(getattr(args, "name", ""))
+        if action == "add":
+            key = admin.add(name, args.requests, args.tokens)
+            print(f"added user {name!r}; their API key (shown only now):", file=sys.stderr)
+            print(key, file=out)
+        elif action == "rotate":
+            key = admin.rotate(name)
+            print(f"new API key for {name!r} (the old one stops working):", file=sys.stderr)
+            print(key, file=out)
+        elif action in ("disable", "enable"):
+            admin.set_enabled(name, action == "enable")
+            print(f"user {name!r} {action}d", file=out)
+        elif action == "limits":
+            u = admin.limits(name, args.requests, args.tokens)
+            print(
+                f"user {name!r}: {u.daily_request_limit} requests, "
+                f"{u.daily_token_limit} tokens a day",
+                file=out,
+            )
+        elif action == "reset":
+            before = asyncio.run(admin.reset(name))
+            print(
+                f"user {name!r}: today's counters reset "
+                f"(were {before.requests} requests, {before.tokens} tokens)",
+                file=out,
+            )
+        else:
+            columns = list(_LIST_COLUMNS)
+            print(_emit(admin.list_rows(), args.format, columns), file=out)
+    except AdminError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except (ConfigError, StoreError) as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+_LIST_COLUMNS = (
+    "name",
+    "enabled",
+    "requests_today",
+    "request_limit",
+    "requests_left",
+    "tokens_today",
+    "token_limit",
+    "tokens_left",
+)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -2387,8 +2892,11 @@ async def serve(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("user", "usage"):
+        return admin_main(argv, dict(os.environ))
     try:
-        config = parse_config(sys.argv[1:] if argv is None else argv, dict(os.environ))
+        config = parse_config(argv, dict(os.environ))
     except (ConfigError, tornado.options.Error) as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
