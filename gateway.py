@@ -11,6 +11,8 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import bisect
+import collections
 import csv
 import dataclasses
 import gc
@@ -28,7 +30,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -69,6 +72,7 @@ MSG_TOO_LARGE = "请求体过大"
 MSG_HEADERS_TOO_LARGE = "请求头过大"
 MSG_INTERNAL = "系统内部错误"
 MSG_STOPPING = "服务正在停止"
+MSG_FORBIDDEN = "无权访问"
 
 MAX_HEADER_BYTES = 32 * 1024  # request headers, names and values together
 
@@ -76,6 +80,7 @@ MESSAGE_BY_STATUS = {
     400: MSG_BAD_REQUEST,
     401: MSG_BAD_KEY,
     404: MSG_NOT_FOUND,
+    403: MSG_FORBIDDEN,
     405: MSG_METHOD,
     413: MSG_TOO_LARGE,
     431: MSG_HEADERS_TOO_LARGE,
@@ -183,6 +188,8 @@ class Config:
     xheaders: bool = False
     models: str = ""
     http_client: str = "auto"
+    admin_key: str = ""
+    retention_days: int = 0
 
     def tz(self) -> tzinfo | None:
         """The configured zone, or None for the machine's local zone."""
@@ -1402,6 +1409,8 @@ class Answer:
     complete: bool = True
     done: bool = False
     raw: bytes = b""  # the reply as the upstream sent it
+    upstream_id: str = ""  # the upstream's id for the call (chatcmpl-…), if it gave one
+    interrupted: str = ""  # why an incomplete stream ended
 
 
 @dataclass(eq=False)
@@ -1483,6 +1492,251 @@ class CallQueue:
         for _ in self._workers:
             await self._queue.put(None)
         await asyncio.gather(*self._workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Call log (data/calls/YYYY-MM-DD.jsonl) and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """What one request to a relay endpoint did; written once to the call log and metrics."""
+
+    endpoint: str
+    t0: float = dataclasses.field(default_factory=time.monotonic)
+    user: str = ""
+    model: str = ""
+    stream: bool = False
+    status: int = 0
+    error: str = ""
+    usage: Usage | None = None
+    partial: bool = False
+    queue_ms: int | None = None
+    upstream_ms: int | None = None
+    upstream_id: str = ""
+    call_id: str = ""  # the reservation id in the day's journal
+    day: str = ""  # the day the call was charged to (its admission day)
+    written: bool = False
+
+    def as_line(self, now: float, tz: tzinfo | None) -> dict[str, Any]:
+        u = self.usage
+        moment = datetime.fromtimestamp(now, tz)
+        if tz is None:
+            moment = moment.astimezone()  # the machine's zone, with its offset
+        return {
+            "time": moment.isoformat(timespec="milliseconds"),
+            "user": self.user or None,
+            "endpoint": self.endpoint,
+            "model": self.model or None,
+            "stream": self.stream,
+            "status": self.status,
+            "error": self.error or None,
+            "prompt_tokens": u.prompt_tokens if u else 0,
+            "completion_tokens": u.completion_tokens if u else 0,
+            "total_tokens": u.total_tokens if u else 0,
+            "estimated": bool(u and u.estimated),
+            "partial": self.partial,
+            "latency_ms": round((time.monotonic() - self.t0) * 1000),
+            "queue_ms": self.queue_ms,
+            "upstream_ms": self.upstream_ms,
+            "upstream_request_id": self.upstream_id or None,
+            "id": self.call_id or None,
+        }
+
+
+_DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.(?:jsonl|json)$")
+
+
+class CallLog:
+    """One JSON line per finished call, filed under the day it was charged to.
+
+    Holds no message content and no key. Written with one O_APPEND write per call, right
+    after the call's charge, so its token sums match the counters (see README).
+    """
+
+    def __init__(self, root: str, clock: DayClock) -> None:
+        self.dir = Path(root) / "calls"
+        self.clock = clock
+        self._fds: dict[str, int] = {}
+        self._failing_since = 0.0
+
+    def path(self, day: str) -> Path:
+        return self.dir / f"{day}.jsonl"
+
+    def write(self, rec: CallRecord) -> dict[str, Any]:
+        line = rec.as_line(self.clock.now(), self.clock.tz)
+        day = rec.day or self.clock.today()
+        data = (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        try:
+            fd = self._fds.get(day)
+            if fd is None:
+                self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = self._fds[day] = os.open(
+                    self.path(day), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+                )
+                for old in sorted(self._fds)[:-2]:  # keep today's and yesterday's open
+                    os.close(self._fds.pop(old))
+            os.write(fd, data)
+            self._failing_since = 0.0
+        except OSError as e:
+            # The charge is already in the journal; losing a log line must not fail the call.
+            if time.monotonic() - self._failing_since > 60:
+                log.error("call log %s not written: %s", self.path(day), e.strerror)
+                self._failing_since = time.monotonic()
+        return line
+
+    def read(self, day: str) -> list[dict[str, Any]]:
+        """A day's lines (a line cut short by a crash is skipped)."""
+        try:
+            text = self.path(day).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        out = []
+        for raw in text.splitlines():
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                continue
+        return out
+
+    def recent_failures(self, count: int = 50, scan: int = 1 << 20) -> list[dict[str, Any]]:
+        """The last `count` calls answered with an error, newest first (today's, yesterday's)."""
+        today = date.fromisoformat(self.clock.today())
+        found: list[dict[str, Any]] = []
+        for day in (today, today - timedelta(days=1)):
+            try:
+                with open(self.path(day.isoformat()), "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(max(0, size - scan))
+                    tail = f.read()
+            except FileNotFoundError:
+                continue
+            lines = tail.split(b"\n")[1 if size > scan else 0 :]
+            for raw in reversed(lines):
+                if b'"status":200' in raw or not raw:
+                    continue
+                try:
+                    found.append(json.loads(raw))
+                except ValueError:
+                    continue
+                if len(found) >= count:
+                    return found
+        return found
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def prune_days(root: str, keep_days: int, today: str) -> list[str]:
+    """Delete counters and call logs of days more than `keep_days` before today."""
+    cutoff = (date.fromisoformat(today) - timedelta(days=keep_days)).isoformat()
+    removed = []
+    for folder in (Path(root), Path(root) / "calls"):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for name in names:
+            m = _DAY_FILE.match(name)
+            if m and m.group(1) < cutoff:
+                try:
+                    (folder / name).unlink()
+                    removed.append(str(folder / name))
+                except OSError as e:
+                    log.error("retention: cannot delete %s: %s", folder / name, e.strerror)
+    return removed
+
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_MAX_SERIES = 10_000  # label sets per counter; beyond it, new models count as "(other)"
+# Answers that turn a call away before the upstream, by the code in the call log.
+_REJECTIONS = {400, 401, 413, 429, 431, 503}
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """This process's counters, exposed at /metrics in Prometheus' text format."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.tokens: dict[tuple[str, str, str], int] = {}
+        self.rejections: dict[str, int] = {}
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.recent_latency: collections.deque[float] = collections.deque(maxlen=500)
+
+    def observe(self, rec: CallRecord) -> None:
+        model = rec.model if rec.call_id else ""  # only admitted calls name a model
+        key = (rec.user, model, str(rec.status))
+        if key not in self.requests and len(self.requests) >= _MAX_SERIES:
+            key = (rec.user, "(other)", str(rec.status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        if rec.usage is not None:
+            for kind, n in (
+                ("prompt", rec.usage.prompt_tokens),
+                ("completion", rec.usage.completion_tokens),
+            ):
+                k = (rec.user, key[1], kind)
+                self.tokens[k] = self.tokens.get(k, 0) + n
+        if rec.status in _REJECTIONS:
+            reason = rec.error.split(":", 1)[0] or str(rec.status)
+            self.rejections[reason] = self.rejections.get(reason, 0) + 1
+        if rec.upstream_ms is not None:
+            seconds = rec.upstream_ms / 1000
+            self.latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            self.latency_sum += seconds
+            self.recent_latency.append(seconds)
+
+    def render(self, gauges: Mapping[str, tuple[str, float]]) -> str:
+        out: list[str] = []
+
+        def family(name: str, kind: str, text: str) -> None:
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+
+        family("gateway_requests_total", "counter", "Relay requests by user, model and status.")
+        for (user, model, status), n in sorted(self.requests.items()):
+            out.append(
+                f'gateway_requests_total{{user="{_label(user)}",model="{_label(model)}",'
+                f'status="{status}"}} {n}'
+            )
+        family("gateway_tokens_total", "counter", "Tokens charged, by user, model and kind.")
+        for (user, model, kind), n in sorted(self.tokens.items()):
+            out.append(
+                f'gateway_tokens_total{{user="{_label(user)}",model="{_label(model)}",'
+                f'kind="{kind}"}} {n}'
+            )
+        family("gateway_rejections_total", "counter", "Calls turned away, by reason.")
+        for reason, n in sorted(self.rejections.items()):
+            out.append(f'gateway_rejections_total{{reason="{_label(reason)}"}} {n}')
+        name = "gateway_upstream_latency_seconds"
+        family(name, "histogram", "Upstream call time (queue wait excluded).")
+        total = 0
+        for bound, n in zip((*LATENCY_BUCKETS, math.inf), self.latency, strict=True):
+            total += n
+            le = "+Inf" if bound == math.inf else repr(bound)
+            out.append(f'{name}_bucket{{le="{le}"}} {total}')
+        out.append(f"{name}_sum {self.latency_sum:.6f}")
+        out.append(f"{name}_count {total}")
+        for gauge, (text, value) in gauges.items():
+            family(gauge, "gauge", text)
+            out.append(f"{gauge} {value:g}")
+        return "\n".join(out) + "\n"
+
+    def latency_quantiles(self) -> dict[str, float | None]:
+        ordered = sorted(self.recent_latency)
+        if not ordered:
+            return {"p50": None, "p95": None}
+        return {
+            "p50": ordered[len(ordered) // 2],
+            "p95": ordered[min(len(ordered) - 1, math.ceil(len(ordered) * 0.95) - 1)],
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1614,6 +1868,7 @@ class SSERelay:
         self.done = False  # the upstream sent [DONE]
         self.finished = False  # the upstream sent a finish_reason
         self.usage: Usage | None = None
+        self.upstream_id = ""
         self._buffer = b""
         self._error_body = bytearray()
         self._ascii = 0
@@ -1670,6 +1925,8 @@ class SSERelay:
             return True
         if not isinstance(obj, dict):
             return True
+        if not self.upstream_id and isinstance(obj.get("id"), str):
+            self.upstream_id = obj["id"][:200]
         usage = _exact_usage(obj.get("usage"))
         if usage is not None:
             self.usage = usage
@@ -1694,8 +1951,11 @@ class SSERelay:
 
     async def finish(self, error: str | None) -> Answer:
         """Judge the ended stream; raise UpstreamFailure if nothing reached the client."""
+        usage, uid = self.usage or self.partial_usage(), self.upstream_id
         if self.sink.gone:
-            return Answer(None, self.usage or self.partial_usage(), complete=False)
+            return Answer(
+                None, usage, complete=False, upstream_id=uid, interrupted="client_closed_request"
+            )
         if not self.started:
             if error is not None:
                 raise UpstreamFailure(None, error)
@@ -1705,7 +1965,7 @@ class SSERelay:
                 self.status, "upstream did not answer the stream request with an event stream"
             )
         if error is None and (self.done or self.finished):
-            return Answer(None, self.usage or self.partial_usage(), done=self.done)
+            return Answer(None, usage, done=self.done, upstream_id=uid)
         reason = error or "upstream closed the stream before it was complete"
         event = {"error": {"message": f"{MSG_UPSTREAM}: {reason}", "type": "upstream_error"}}
         event["error"]["code"] = "stream_interrupted"
@@ -1715,7 +1975,13 @@ class SSERelay:
             )
         except ClientLeft:
             pass
-        return Answer(None, self.usage or self.partial_usage(), complete=False)
+        return Answer(
+            None,
+            usage,
+            complete=False,
+            upstream_id=uid,
+            interrupted=f"stream_interrupted: {reason}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1736,6 +2002,9 @@ class Relay:
         self.clock = clock
         self.upstream = Upstream(config)
         self.queue = CallQueue(config.queue_size, config.concurrency)
+        self.calls = CallLog(config.data_dir, clock)
+        self.metrics = Metrics()
+        self._history: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
         self.stopping = False
         self.active = 0  # calls between admission and their answer
         self.idle = asyncio.Event()
@@ -1794,11 +2063,19 @@ class Relay:
             log.error("usage store: %s", e)
             raise _store_failed() from None
 
-    async def call(self, user: User, job: Job) -> Outcome:
+    def record_call(self, rec: CallRecord) -> None:
+        """Put a finished call in the call log and the metrics, once."""
+        if not rec.written:
+            rec.written = True
+            self.calls.write(rec)
+            self.metrics.observe(rec)
+
+    async def call(self, user: User, job: Job, rec: CallRecord) -> Outcome:
         """Run one upstream call through limits and queue; the Job knows how to make it."""
         self._admissible()
         day = self.clock.today()  # settled against the day it was admitted on
         res = await self._reserve(user, day)
+        rec.call_id, rec.day = res.id, day
         self.active += 1
         self.idle.clear()
         try:
@@ -1807,7 +2084,12 @@ class Relay:
             except tornado.queues.QueueFull:
                 raise self._queue_full() from None
             try:
-                answer = await job.future
+                try:
+                    answer = await job.future
+                finally:
+                    if job.started_at:
+                        rec.queue_ms = round((job.started_at - job.queued_at) * 1000)
+                        rec.upstream_ms = round((time.monotonic() - job.started_at) * 1000)
             except UpstreamFailure as e:
                 log.warning("upstream call for %s failed: %s %s", user.name, e.status, e.error)
                 raise GatewayError(
@@ -1825,6 +2107,15 @@ class Relay:
                 log.error("usage store: %s (call for %s not charged)", e, user.name)
                 raise _store_failed() from None
             res = None  # type: ignore[assignment]
+            # Logged now, not when the response ends: a crash after the charge loses nothing.
+            rec.usage, rec.partial, rec.upstream_id = (
+                answer.usage,
+                not answer.complete,
+                answer.upstream_id,
+            )
+            rec.error = answer.interrupted
+            rec.status = 499 if answer.interrupted == "client_closed_request" else 200
+            self.record_call(rec)
             return Outcome(answer, counts)
         finally:
             self.active -= 1
@@ -1841,7 +2132,13 @@ class Relay:
 
         async def call() -> Answer:
             reply, raw = await self.upstream.post_json(path, body)
-            return Answer(reply, usage_of(reply, request), raw=raw)
+            uid = reply.get("id")
+            return Answer(
+                reply,
+                usage_of(reply, request),
+                raw=raw,
+                upstream_id=uid[:200] if isinstance(uid, str) else "",
+            )
 
         return Job(call=call, model=str(request.get("model")))
 
@@ -1884,6 +2181,69 @@ class Relay:
             ) from None
         self._models = (now, models)
         return models
+
+    def admin_state(self) -> dict[str, Any]:
+        """Everything the dashboard shows: live figures, users today, history, failures."""
+        today = self.clock.today()
+        requests, tokens = self.store.totals(today)
+        users = []
+        for u in self.users.by_name.values():
+            c = self.store.counts(u.name, today)
+            users.append(
+                {
+                    "name": u.name,
+                    "enabled": u.enabled,
+                    "requests": c.requests + c.reserved,
+                    "request_limit": u.daily_request_limit,
+                    "tokens": c.tokens,
+                    "token_limit": u.daily_token_limit,
+                }
+            )
+        history = []
+        first = date.fromisoformat(today) - timedelta(days=HISTORY_DAYS - 1)
+        for n in range(HISTORY_DAYS):
+            day = (first + timedelta(days=n)).isoformat()
+            usage = self._day_usage(day, day == today)
+            history.append(
+                {
+                    "date": day,
+                    "requests": sum(r for r, _ in usage.values()),
+                    "tokens": sum(t for _, t in usage.values()),
+                }
+            )
+        return {
+            "now": datetime.fromtimestamp(self.clock.now(), self.clock.tz).isoformat(),
+            "today": today,
+            "gateway": {
+                "status": "stopping" if self.stopping else "running",
+                "queue_length": len(self.queue),
+                "queue_size": self.queue.size,
+                "in_flight": self.queue.processing,
+                "concurrency": self.queue.concurrency,
+                "latency": self.metrics.latency_quantiles(),
+                "today_requests": requests,
+                "today_tokens": tokens,
+            },
+            "users": users,
+            "history": history,
+            "failures": self.calls.recent_failures(50),
+        }
+
+    def _day_usage(self, day: str, today: bool) -> dict[str, tuple[int, int]]:
+        """A day's usage per user; past days are cached until their journal changes."""
+        if today:
+            return self.store.usage(day)
+        try:
+            st = os.stat(Path(self.config.data_dir) / f"{day}.jsonl")
+            stamp = (st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            return {}
+        cached = self._history.get(day)
+        if cached is None or cached[0] != stamp:
+            cached = self._history[day] = (stamp, self.store.usage(day))
+            for old in sorted(self._history)[:-HISTORY_DAYS]:
+                del self._history[old]
+        return cached[1]
 
     def status(self) -> dict[str, Any]:
         requests, tokens = self.store.totals(self.clock.today())
@@ -2004,6 +2364,7 @@ class BaseHandler(tornado.web.RequestHandler):
     """JSON everywhere: every response, errors included, is the contract's envelope."""
 
     relay: Relay
+    record: CallRecord | None = None  # set by the relay endpoints
 
     def initialize(self, relay: Relay) -> None:
         self.relay = relay
@@ -2038,7 +2399,16 @@ class BaseHandler(tornado.web.RequestHandler):
         data = None if status_code < 500 else {"error": "internal error; see the gateway log"}
         self.render_error(status_code, message, data)
 
+    def note_error(self, status: int, message: str, data: dict[str, Any] | None) -> None:
+        """Keep an error's status and reason for the call log."""
+        if self.record is not None:
+            detail = data.get("error") if data else None
+            code = _OPENAI_CODES.get(message, "error")
+            self.record.status = status
+            self.record.error = f"{code}: {detail}" if detail else code
+
     def render_error(self, status: int, message: str, data: dict[str, Any] | None) -> None:
+        self.note_error(status, message, data)
         self.send_json(envelope(False, message, data), status)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
@@ -2080,6 +2450,7 @@ class BodyHandler(BaseHandler, StreamSink):
         self._limit = relay.config.max_body_size
         self.job: Job | None = None
         self.gone = False
+        self.record = CallRecord(self.request.path)
 
     async def _refuse_too_large(self) -> None:
         self.render_error(413, MSG_TOO_LARGE, {"max_body_size": self._limit})
@@ -2136,14 +2507,18 @@ class CallHandler(BodyHandler):
     async def post(self) -> None:
         relay = self.relay
         user = self.user = relay.authenticate(self.request.headers.get("X-API-Key"))
+        rec = cast(CallRecord, self.record)
+        rec.user = user.name
         body = self.body()
         request = parse_json_object(body)
         validate_chat(request)
+        rec.model = str(request.get("model"))[:100]
         self.job = relay.json_job("/chat/completions", body, request)
         try:
-            outcome = await relay.call(user, self.job)
+            outcome = await relay.call(user, self.job, rec)
         except ClientGone:
-            return  # left while queued: nothing was charged, nobody to answer
+            rec.status, rec.error = 499, "client_closed_request: left while queued"
+            return  # nothing was charged, nobody to answer
         answer = outcome.answer
         # The envelope is built around the upstream's bytes rather than re-encoding its JSON.
         self.finish(
@@ -2216,6 +2591,7 @@ class OpenAIMixin(BaseHandler):
         )
 
     def render_error(self, status: int, message: str, data: dict[str, Any] | None) -> None:
+        self.note_error(status, message, data)
         detail = data.get("error") if data else None
         error: dict[str, Any] = {
             "message": f"{message}: {detail}" if detail else message,
@@ -2242,16 +2618,20 @@ class OpenAIRelayHandler(OpenAIMixin, BodyHandler):
     async def post(self) -> None:
         relay = self.relay
         user = self.authenticate()
+        rec = cast(CallRecord, self.record)
+        rec.user = user.name
         body = self.body()
         request = parse_json_object(body)
-        stream = self.validate(request)
+        stream = rec.stream = self.validate(request)
+        rec.model = str(request.get("model"))[:100]
         if stream:
             self.job = relay.stream_job(self.upstream_path, request, self)
         else:
             self.job = relay.json_job(self.upstream_path, body, request)
         try:
-            outcome = await relay.call(user, self.job)
+            outcome = await relay.call(user, self.job, rec)
         except ClientGone:
+            rec.status, rec.error = 499, "client_closed_request: left while queued"
             return
         answer = outcome.answer
         if not stream:
@@ -2373,13 +2753,454 @@ class DemoModelHandler(BaseHandler):
 
 
 # ---------------------------------------------------------------------------------------------
+# Operating: /metrics and the /admin dashboard (both off without --admin-key)
+# ---------------------------------------------------------------------------------------------
+
+ADMIN_COOKIE = "gateway_admin"
+ADMIN_SESSION_DAYS = 0.5  # a login lasts 12 hours
+HISTORY_DAYS = 14
+
+
+def admin_cookie_secret(admin_key: str) -> str:
+    """Signs admin cookies; follows the admin key, so changing the key ends every login."""
+    if not admin_key:
+        return secrets.token_hex(32)
+    return hmac.new(admin_key.encode(), b"gateway admin cookie", hashlib.sha256).hexdigest()
+
+
+class AdminBase(BaseHandler):
+    """An admin route: absent (404) without --admin-key; needs the admin's login."""
+
+    def prepare(self) -> Awaitable[None] | None:
+        super().prepare()
+        if not self.relay.config.admin_key:
+            raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path[:200]})
+        return None
+
+    def key_matches(self, key: str | None) -> bool:
+        want = hashlib.sha256(self.relay.config.admin_key.encode()).digest()
+        got = hashlib.sha256((key or "").encode("utf-8", "surrogateescape")).digest()
+        return hmac.compare_digest(want, got)
+
+    def logged_in(self) -> bool:
+        value = self.get_signed_cookie(ADMIN_COOKIE, max_age_days=ADMIN_SESSION_DAYS)
+        return value == b"admin"
+
+    def require_login(self) -> None:
+        if not self.logged_in():
+            raise GatewayError(401, MSG_BAD_KEY, {"error": "log in at /admin"})
+
+    def check_origin(self) -> None:
+        """A state change must come from our own page: XSRF token and, if sent, Origin."""
+        origin = self.request.headers.get("Origin")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != self.request.host:
+            raise GatewayError(403, MSG_FORBIDDEN, {"error": "cross-origin request refused"})
+        self.check_xsrf_cookie()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, tornado.web.HTTPError) and status_code == 403:
+            self.render_error(403, MSG_FORBIDDEN, {"error": "missing or wrong XSRF token"})
+            return
+        super().write_error(status_code, **kwargs)
+
+    def send_page(self, html: str, status: int = 200) -> None:
+        nonce = secrets.token_urlsafe(16)
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header(
+            "Content-Security-Policy",
+            f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+            "img-src data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+            "base-uri 'none'",
+        )
+        self.set_header("X-Frame-Options", "DENY")
+        self.set_header("Referrer-Policy", "no-referrer")
+        token = self.xsrf_token.decode()
+        self.finish(html.replace("{{nonce}}", nonce).replace("{{xsrf}}", token))
+
+
+class AdminPageHandler(AdminBase):
+    """GET /admin: the dashboard, or the login form."""
+
+    def get(self) -> None:
+        if self.logged_in():
+            self.send_page(DASHBOARD_PAGE)
+        else:
+            self.send_page(LOGIN_PAGE.replace("{{message}}", ""))
+
+
+class AdminLoginHandler(AdminBase):
+    """POST /admin/login (form: key): sets the signed, HttpOnly session cookie."""
+
+    async def post(self) -> None:
+        self.check_origin()
+        if not self.key_matches(self.get_body_argument("key", None)):
+            await asyncio.sleep(0.5)  # slows guessing; the key itself is compared in constant time
+            log.warning("admin login refused from %s", self.request.remote_ip)
+            self.send_page(LOGIN_PAGE.replace("{{message}}", "Wrong admin key."), 403)
+            return
+        self.set_signed_cookie(
+            ADMIN_COOKIE,
+            "admin",
+            expires_days=ADMIN_SESSION_DAYS,
+            httponly=True,
+            samesite="Strict",
+            secure=self.request.protocol == "https",
+            path="/",
+        )
+        self.redirect("/admin", status=303)
+
+
+class AdminLogoutHandler(AdminBase):
+    def post(self) -> None:
+        self.check_origin()
+        self.clear_cookie(ADMIN_COOKIE, path="/")
+        self.redirect("/admin", status=303)
+
+
+class AdminStateHandler(AdminBase):
+    """GET /admin/api/state: what the dashboard draws, refreshed every few seconds."""
+
+    def get(self) -> None:
+        self.require_login()
+        try:
+            state = self.relay.admin_state()
+        except StoreError as e:
+            log.error("usage store: %s", e)
+            raise _store_failed() from None
+        self.send_json(envelope(True, MSG_OK, state))
+
+
+class AdminActionHandler(AdminBase):
+    """POST /admin/api/users/NAME/(enable|disable|reset)."""
+
+    async def post(self, name: str, action: str) -> None:
+        self.require_login()
+        self.check_origin()
+        name = urllib.parse.unquote(name)
+        relay = self.relay
+        if name not in relay.users.by_name:
+            raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no user {name!r}"})
+        try:
+            if action == "reset":
+                await relay.store.reset(name, relay.clock.today())
+            else:
+                value = "true" if action == "enable" else "false"
+                await asyncio.get_running_loop().run_in_executor(
+                    None,
+                    edit_users_file,
+                    relay.users.path,
+                    lambda e: e.set(name, "enabled", value),
+                )
+                relay.users.reload_if_changed()
+        except ConfigError as e:
+            raise GatewayError(500, MSG_CONFIG, {"error": str(e)}) from None
+        except StoreError as e:
+            log.error("usage store: %s", e)
+            raise _store_failed() from None
+        log.info("admin: %s user %r", action, name)
+        self.send_json(envelope(True, MSG_OK, {"user": name, "action": action}))
+
+
+class MetricsHandler(AdminBase):
+    """GET /metrics: Prometheus text format; Bearer <admin key> or an admin login."""
+
+    def get(self) -> None:
+        auth = self.request.headers.get("Authorization", "")
+        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        if not (self.key_matches(bearer) if bearer else self.logged_in()):
+            raise GatewayError(
+                401,
+                MSG_BAD_KEY,
+                {"error": "Authorization: Bearer <admin key>"},
+                {"WWW-Authenticate": 'Bearer realm="gateway metrics"'},
+            )
+        relay = self.relay
+        requests, tokens = relay.store.totals(relay.clock.today())
+        gauges = {
+            "gateway_queue_length": ("Calls waiting for a worker.", len(relay.queue)),
+            "gateway_in_flight": ("Upstream calls running now.", relay.queue.processing),
+            "gateway_queue_size": ("Calls that may wait (--queue-size).", relay.queue.size),
+            "gateway_concurrency": (
+                "Upstream calls at once (--concurrency).",
+                relay.queue.concurrency,
+            ),
+            "gateway_users": ("Users loaded from the users file.", len(relay.users)),
+            "gateway_today_requests": ("Requests charged today, all processes.", requests),
+            "gateway_today_tokens": ("Tokens charged today, all processes.", tokens),
+        }
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(relay.metrics.render(gauges))
+
+
+_PAGE_HEAD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="xsrf" content="{{xsrf}}">
+<title>Gateway admin</title>
+<style nonce="{{nonce}}">
+:root { --ink:#1d2433; --muted:#6b7385; --line:#e4e7ee; --bg:#f5f6fa; --card:#fff;
+        --blue:#3b6fe0; --teal:#15a37f; --amber:#e09b1b; --red:#d64545; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+       color:var(--ink); background:var(--bg); }
+header { display:flex; align-items:center; gap:12px; padding:14px 24px; background:#1d2433;
+         color:#fff; }
+header h1 { font-size:17px; margin:0; font-weight:600; }
+header .spacer { flex:1; }
+main { max-width:1120px; margin:0 auto; padding:20px 24px 40px; }
+h2 { font-size:15px; margin:26px 0 10px; color:var(--ink); }
+.pill { padding:2px 10px; border-radius:99px; font-size:12px; background:var(--teal); }
+.pill.off { background:var(--red); }
+button { font:inherit; border:1px solid var(--line); background:#fff; border-radius:6px;
+         padding:4px 10px; cursor:pointer; color:var(--ink); }
+button:hover { border-color:var(--blue); }
+header button { background:transparent; color:#fff; border-color:#4a536a; }
+.tiles { display:grid; grid-template-columns:repeat(auto-fit,minmax(220px,1fr)); gap:12px; }
+.tile, .card, .panel { background:var(--card); border:1px solid var(--line); border-radius:10px;
+                       padding:14px 16px; }
+.tile .label { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
+.tile .value { font-size:24px; font-weight:600; margin:2px 0 8px; }
+.tile .value small { font-size:13px; color:var(--muted); font-weight:400; }
+.track { height:10px; background:#edf0f5; border-radius:5px; overflow:hidden; }
+.fill { height:100%; width:0; background:var(--blue); border-radius:5px; transition:width .4s; }
+.fill.tokens { background:var(--teal); }
+.fill.warn { background:var(--amber); } .fill.full { background:var(--red); }
+.users { display:grid; grid-template-columns:repeat(auto-fill,minmax(320px,1fr)); gap:12px; }
+.card .top { display:flex; align-items:center; gap:8px; margin-bottom:10px; }
+.card .name { font-weight:600; font-size:15px; flex:1; overflow:hidden; text-overflow:ellipsis; }
+.badge { font-size:11px; padding:1px 8px; border-radius:99px; background:#e3f6ef; color:#0d7a5d; }
+.badge.off { background:#fde8e8; color:var(--red); }
+.metric { display:grid; grid-template-columns:70px 1fr 150px; align-items:center; gap:8px;
+          margin:6px 0; font-size:13px; }
+.metric .nums { text-align:right; color:var(--muted); font-variant-numeric:tabular-nums; }
+.legend { display:flex; gap:16px; font-size:12px; color:var(--muted); margin-bottom:6px; }
+.legend i { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:5px;
+            vertical-align:-1px; }
+.legend .req { background:var(--blue); } .legend .tok { background:var(--teal); }
+svg text { font-size:11px; fill:var(--muted); }
+table { width:100%; border-collapse:collapse; font-size:13px; }
+th, td { text-align:left; padding:6px 8px; border-bottom:1px solid var(--line); }
+th { color:var(--muted); font-weight:500; }
+td.status { font-weight:600; color:var(--red); }
+.empty { color:var(--muted); padding:8px 0; }
+.login { max-width:360px; margin:12vh auto; }
+.login input { width:100%; font:inherit; padding:8px 10px; margin:10px 0;
+               border:1px solid var(--line); border-radius:6px; }
+.login .error { color:var(--red); min-height:1.4em; }
+.login button { width:100%; padding:8px; background:var(--blue); color:#fff; border:0; }
+#notice { color:var(--red); }
+</style></head>
+"""
+
+LOGIN_PAGE = (
+    _PAGE_HEAD
+    + """<body><main><form class="panel login" method="post" action="/admin/login">
+<h2>Gateway admin</h2>
+<input type="hidden" name="_xsrf" value="{{xsrf}}">
+<label for="key">Admin key</label>
+<input id="key" name="key" type="password" autocomplete="current-password" required autofocus>
+<div class="error">{{message}}</div>
+<button type="submit">Log in</button>
+</form></main></body></html>
+"""
+)
+
+DASHBOARD_PAGE = (
+    _PAGE_HEAD
+    + """<body>
+<header><h1>LLM gateway</h1><span id="state" class="pill">…</span>
+<span id="notice"></span><span class="spacer"></span><span id="clock"></span>
+<form method="post" action="/admin/logout"><input type="hidden" name="_xsrf" value="{{xsrf}}">
+<button type="submit">Log out</button></form></header>
+<main>
+<section class="tiles">
+ <div class="tile"><div class="label">Queue</div><div class="value" id="queue">–</div>
+  <div class="track"><div class="fill" id="queue-fill"></div></div></div>
+ <div class="tile"><div class="label">In flight</div><div class="value" id="inflight">–</div>
+  <div class="track"><div class="fill" id="inflight-fill"></div></div></div>
+ <div class="tile"><div class="label">Upstream latency (p50 / p95)</div>
+  <div class="value" id="latency">–</div>
+  <svg id="latency-chart" width="100%" height="34" viewBox="0 0 200 34"
+   preserveAspectRatio="none"><polyline id="latency-line" fill="none" stroke="#3b6fe0"
+   stroke-width="1.5" points=""/></svg></div>
+ <div class="tile"><div class="label">Today, all users</div><div class="value" id="today">–</div>
+  <div id="today-tokens" class="label"></div></div>
+</section>
+<h2>Users today</h2>
+<section class="users" id="users"></section>
+<h2>Last 14 days</h2>
+<section class="panel">
+ <div class="legend"><span><i class="req"></i>requests</span>
+  <span><i class="tok"></i>tokens</span></div>
+ <svg id="history" width="100%" height="230" viewBox="0 0 1060 230"></svg>
+</section>
+<h2>Last failed calls</h2>
+<section class="panel"><table><thead><tr><th>Time</th><th>User</th><th>Endpoint</th>
+<th>Model</th><th>Status</th><th>Reason</th></tr></thead><tbody id="failures"></tbody></table>
+<div class="empty" id="no-failures">No failed calls.</div></section>
+</main>
+<script nonce="{{nonce}}">
+"use strict";
+const XSRF = document.querySelector('meta[name="xsrf"]').content;
+const SVG = "http://www.w3.org/2000/svg";
+const latencies = [];
+const fmt = (n) => Number(n).toLocaleString("en-US");
+function el(tag, props, ...kids) {
+  const node = document.createElement(tag);
+  Object.assign(node, props || {});
+  for (const k of kids) node.append(k);
+  return node;
+}
+function svg(tag, attrs) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  return node;
+}
+function setBar(fill, used, limit) {
+  const share = limit > 0 ? Math.min(1, used / limit) : 1;
+  fill.style.width = (share * 100).toFixed(1) + "%";
+  fill.classList.toggle("warn", share >= 0.8 && share < 1);
+  fill.classList.toggle("full", share >= 1);
+  fill.dataset.share = share.toFixed(3);
+}
+function metric(label, kind, used, limit) {
+  const fill = el("div", {className: "fill " + kind});
+  const row = el("div", {className: "metric " + kind},
+    el("span", {textContent: label}), el("div", {className: "track"}, fill),
+    el("span", {className: "nums", textContent: fmt(used) + " / " + fmt(limit)}));
+  setBar(fill, used, limit);
+  return row;
+}
+async function act(name, action) {
+  if (action === "reset" && !confirm("Reset today's counters of " + name + "?")) return;
+  const r = await fetch("/admin/api/users/" + encodeURIComponent(name) + "/" + action,
+    {method: "POST", headers: {"X-XSRFToken": XSRF}, credentials: "same-origin"});
+  const body = await r.json().catch(() => ({}));
+  document.getElementById("notice").textContent =
+    r.ok ? "" : (body.data && body.data.error) || body.message || ("HTTP " + r.status);
+  refresh();
+}
+function drawUsers(users) {
+  const box = document.getElementById("users");
+  box.replaceChildren(...users.map((u) => {
+    const toggle = u.enabled ? "disable" : "enable";
+    return el("div", {className: "card"},
+      el("div", {className: "top"},
+        el("span", {className: "name", textContent: u.name, title: u.name}),
+        el("span", {className: "badge" + (u.enabled ? "" : " off"),
+                    textContent: u.enabled ? "enabled" : "disabled"}),
+        el("button", {textContent: toggle, onclick: () => act(u.name, toggle)}),
+        el("button", {textContent: "reset today", onclick: () => act(u.name, "reset")})),
+      metric("Requests", "requests", u.requests, u.request_limit),
+      metric("Tokens", "tokens", u.tokens, u.token_limit));
+  }));
+  for (const [i, card] of [...box.children].entries()) card.dataset.user = users[i].name;
+}
+function drawHistory(days) {
+  const chart = document.getElementById("history");
+  const W = 1060, H = 230, left = 56, right = 56, top = 12, bottom = 26;
+  const plotW = W - left - right, plotH = H - top - bottom;
+  const maxReq = Math.max(1, ...days.map((d) => d.requests));
+  const maxTok = Math.max(1, ...days.map((d) => d.tokens));
+  const step = plotW / days.length, barW = step * 0.6;
+  const kids = [];
+  for (const f of [0, 0.5, 1]) {
+    const y = top + plotH * (1 - f);
+    kids.push(svg("line", {x1: left, x2: W - right, y1: y, y2: y, stroke: "#e4e7ee"}));
+    const a = svg("text", {x: left - 6, y: y + 4, "text-anchor": "end"});
+    a.textContent = fmt(Math.round(maxReq * f));
+    const b = svg("text", {x: W - right + 6, y: y + 4});
+    b.textContent = fmt(Math.round(maxTok * f));
+    kids.push(a, b);
+  }
+  const points = [];
+  days.forEach((d, i) => {
+    const x = left + i * step + (step - barW) / 2;
+    const h = plotH * d.requests / maxReq;
+    const bar = svg("rect", {x: x, y: top + plotH - h, width: barW, height: h, rx: 2,
+                             fill: "#3b6fe0", class: "day"});
+    bar.dataset.date = d.date;
+    bar.dataset.requests = d.requests;
+    const tip = svg("title", {});
+    tip.textContent = d.date + ": " + fmt(d.requests) + " requests, " + fmt(d.tokens) + " tokens";
+    bar.append(tip);
+    kids.push(bar);
+    const ty = top + plotH * (1 - d.tokens / maxTok);
+    points.push((x + barW / 2).toFixed(1) + "," + ty.toFixed(1));
+    const label = svg("text", {x: x + barW / 2, y: H - 8, "text-anchor": "middle"});
+    label.textContent = d.date.slice(5);
+    kids.push(label);
+  });
+  kids.push(svg("polyline", {points: points.join(" "), fill: "none", stroke: "#15a37f",
+                             "stroke-width": 2, id: "tokens-line"}));
+  chart.replaceChildren(...kids);
+}
+function drawLive(g) {
+  document.getElementById("state").textContent = g.status;
+  document.getElementById("state").classList.toggle("off", g.status !== "running");
+  document.getElementById("queue").replaceChildren(fmt(g.queue_length),
+    el("small", {textContent: " / " + fmt(g.queue_size) + " waiting"}));
+  setBar(document.getElementById("queue-fill"), g.queue_length, g.queue_size);
+  document.getElementById("inflight").replaceChildren(fmt(g.in_flight),
+    el("small", {textContent: " / " + fmt(g.concurrency) + " workers"}));
+  setBar(document.getElementById("inflight-fill"), g.in_flight, g.concurrency);
+  const ms = (s) => s == null ? "–" : Math.round(s * 1000) + " ms";
+  document.getElementById("latency").textContent = ms(g.latency.p50) + " / " + ms(g.latency.p95);
+  latencies.push(g.latency.p50 || 0);
+  if (latencies.length > 60) latencies.shift();
+  const top = Math.max(0.001, ...latencies);
+  document.getElementById("latency-line").setAttribute("points", latencies.map((v, i) =>
+    (i * 200 / 59).toFixed(1) + "," + (32 - 30 * v / top).toFixed(1)).join(" "));
+  document.getElementById("today").replaceChildren(fmt(g.today_requests),
+    el("small", {textContent: " requests"}));
+  document.getElementById("today-tokens").textContent = fmt(g.today_tokens) + " tokens";
+}
+function drawFailures(rows) {
+  document.getElementById("failures").replaceChildren(...rows.map((f) => el("tr", {},
+    el("td", {textContent: (f.time || "").replace("T", " ").slice(0, 19)}),
+    el("td", {textContent: f.user || "–"}), el("td", {textContent: f.endpoint}),
+    el("td", {textContent: f.model || ""}),
+    el("td", {className: "status", textContent: f.status}),
+    el("td", {textContent: f.error || ""}))));
+  document.getElementById("no-failures").hidden = rows.length > 0;
+}
+async function refresh() {
+  let r;
+  try { r = await fetch("/admin/api/state", {cache: "no-store", credentials: "same-origin"}); }
+  catch (e) { document.getElementById("state").textContent = "unreachable"; return; }
+  if (r.status === 401) { location.reload(); return; }
+  const data = (await r.json()).data;
+  document.getElementById("clock").textContent = data.now.replace("T", " ").slice(0, 19);
+  drawLive(data.gateway);
+  drawUsers(data.users);
+  drawHistory(data.history);
+  drawFailures(data.failures);
+  document.body.dataset.loaded = "1";
+}
+refresh();
+setInterval(refresh, 2000);
+</script></body></html>
+"""
+)
+
+
+# ---------------------------------------------------------------------------------------------
 # Application
 # ---------------------------------------------------------------------------------------------
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log: method, path (never the query string), status, user, time."""
+    """Access log: method, path (never the query string), status, user, time.
+
+    Also the call log's entry for a relay request that ended before being charged.
+    """
     status = handler.get_status()
+    rec = getattr(handler, "record", None)
+    if rec is not None and not rec.written:
+        rec.status = rec.status or status
+        cast(BaseHandler, handler).relay.record_call(rec)
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if not tornado.log.access_log.isEnabledFor(level):
         return
@@ -2418,13 +3239,25 @@ def make_app(relay: Relay) -> tornado.web.Application:
         ),
         (r"/v1/models", ModelsHandler, deps),
         (r"/v1/.*", OpenAINotFoundHandler, deps),
+        (r"/metrics", MetricsHandler, deps),
+        (r"/admin/?", AdminPageHandler, deps),
+        (r"/admin/login", AdminLoginHandler, deps),
+        (r"/admin/logout", AdminLogoutHandler, deps),
+        (r"/admin/api/state", AdminStateHandler, deps),
+        (r"/admin/api/users/([^/]+)/(enable|disable|reset)", AdminActionHandler, deps),
     ]
     if relay.config.demo:
         routes.append(
             (r"/demo/v1/(chat/completions|completions|embeddings|models)", DemoModelHandler, deps)
         )
     routes.append((r".*", NotFoundHandler, deps))
-    return tornado.web.Application(routes, log_function=log_request, compress_response=False)
+    return tornado.web.Application(
+        routes,
+        log_function=log_request,
+        compress_response=False,
+        cookie_secret=admin_cookie_secret(relay.config.admin_key),
+        xsrf_cookie_kwargs={"httponly": True, "samesite": "Strict"},
+    )
 
 
 class Gateway:
@@ -2439,6 +3272,7 @@ class Gateway:
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port = config.port
         self._chores: list[asyncio.Task[None]] = []
+        self._pruned = ""  # the day retention last ran
 
     async def start(self, sockets: list[Any] | None = None) -> None:
         """Load users, open the store, start workers and listen (on `sockets` if given)."""
@@ -2486,10 +3320,15 @@ class Gateway:
         self.users.reload_if_changed()
 
     async def _maintain(self) -> None:
+        today = self.clock.today()
         try:
-            await self.store.maintain(self.clock.today())
+            await self.store.maintain(today)
         except StoreError as e:
             log.error("usage store: %s", e)
+        if self.config.retention_days and self._pruned != today:
+            self._pruned = today
+            for path in prune_days(self.config.data_dir, self.config.retention_days, today):
+                log.info("retention: deleted %s", path)
 
     async def stop(self) -> None:
         """Stop accepting, finish queued and in-flight calls, write counters."""
@@ -2503,6 +3342,7 @@ class Gateway:
         for task in self._chores:
             task.cancel()
         await self.store.close()
+        self.relay.calls.close()
         self.relay.upstream.close()
         await self.server.close_all_connections()
 
@@ -2829,6 +3669,18 @@ def define_options() -> tornado.options.OptionParser:
         str,
         "comma-separated model ids for GET /v1/models; empty: the upstream's list (cached 5 min)",
     )
+    p.define(
+        "admin-key",
+        d.admin_key,
+        str,
+        "key for the /admin dashboard and /metrics (also GATEWAY_ADMIN_KEY); empty: both off",
+    )
+    p.define(
+        "retention-days",
+        d.retention_days,
+        int,
+        "delete counters and call logs of days older than this many days; 0: keep everything",
+    )
     tornado.log.define_logging_options(p)
     return p
 
@@ -2858,6 +3710,10 @@ def parse_config(argv: list[str], env: dict[str, str]) -> Config:
         raise ConfigError("--http-client must be auto, curl or simple")
     if config.http_client == "curl" and not _has_pycurl():
         raise ConfigError("--http-client=curl needs pycurl (pip install pycurl)")
+    if config.admin_key and len(config.admin_key) < 12:
+        raise ConfigError("--admin-key must be at least 12 characters")
+    if config.retention_days < 0:
+        raise ConfigError("--retention-days must be >= 0 (0 keeps everything)")
     if config.queue_size < 0 or config.max_body_size < 1:
         raise ConfigError("--queue-size must be >= 0 and --max-body-size >= 1")
     config.tz()

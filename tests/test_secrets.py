@@ -50,6 +50,7 @@ async def test_data_files_are_private(env: Env) -> None:
     assert (await client.call(VALID))[0] == 200
     await env.stop()
     files = [p for p in env.data_dir.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")]
-    assert len(files) == 2
+    assert len(files) == 3  # counters: journal and snapshot; the call log
+    assert stat.S_IMODE((env.data_dir / "calls").stat().st_mode) == 0o700
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
