@@ -3364,7 +3364,9 @@ class AdminError(Exception):
 
 
 def _admin_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    # Accepted before or after the action; SUPPRESS keeps a later parser's default from
+    # overwriting a value given earlier.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--users-file", help="users file (GATEWAY_USERS_FILE; users.yaml)")
     common.add_argument("--data-dir", help="data directory (GATEWAY_DATA_DIR; data)")
     common.add_argument(
@@ -3405,6 +3407,9 @@ def _admin_parser() -> argparse.ArgumentParser:
 def _emit(rows: list[dict[str, Any]], fmt: str, columns: list[str]) -> str:
     if fmt == "json":
         return json.dumps(rows, ensure_ascii=False, indent=2)
+    rows = [
+        {k: ("yes" if v else "no") if type(v) is bool else v for k, v in r.items()} for r in rows
+    ]
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, columns, lineterminator="\n")
@@ -3549,13 +3554,14 @@ class Admin:
 def admin_main(argv: list[str], env: dict[str, str]) -> int:
     """Run one administration command; exit 0 done, 1 not found or duplicate, 2 bad input."""
     args = _admin_parser().parse_args(argv)
-    admin = Admin(
-        args.users_file or env.get("GATEWAY_USERS_FILE") or Config.users_file,
-        args.data_dir or env.get("GATEWAY_DATA_DIR") or Config.data_dir,
-        args.timezone or env.get("GATEWAY_TIMEZONE") or Config.timezone,
-    )
+    given = vars(args)
     out = sys.stdout
     try:
+        admin = Admin(
+            given.get("users_file") or env.get("GATEWAY_USERS_FILE") or Config.users_file,
+            given.get("data_dir") or env.get("GATEWAY_DATA_DIR") or Config.data_dir,
+            given.get("timezone") or env.get("GATEWAY_TIMEZONE") or Config.timezone,
+        )
         if args.command == "usage":
             rows = admin.usage_rows(admin.days(args.date, args.days), args.user)
             print(_emit(rows, args.format, ["date", "user", "requests", "tokens"]), file=out)

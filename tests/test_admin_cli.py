@@ -1,0 +1,252 @@
+"""`python gateway.py user …` / `usage …`: users.yaml edited in place, against a running gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import gateway
+from conftest import ALICE_KEY, KEY_ENV, ROOT, VALID, Env, post, proc_args
+
+COMMENTED = """\
+# Team users — edited by hand and by `gateway.py user`.
+defaults:
+  daily_request_limit: 50   # per user per day
+  daily_token_limit: 100000
+
+x-base: &base
+  daily_token_limit: 5000
+
+users:
+  # the first user
+  alice:
+    api_key: {alice}   # plain key, kept as written
+    <<: *base
+
+  carol: {{api_key_sha256: {carol}, enabled: true}}
+# trailing comment
+"""
+
+
+def commented(tmp: Path) -> Path:
+    path = tmp / "users.yaml"
+    path.write_text(
+        COMMENTED.format(alice=ALICE_KEY, carol=hashlib.sha256(b"carol-key-123").hexdigest())
+    )
+    return path
+
+
+async def cli(e: Env | Path, *args: str) -> tuple[int, str, str]:
+    """Run a command the way an admin does; returns (exit status, stdout, stderr)."""
+    if isinstance(e, Env):
+        where = [f"--users-file={e.users_file}", f"--data-dir={e.data_dir}"]
+    else:
+        where = [f"--users-file={e / 'users.yaml'}", f"--data-dir={e / 'data'}"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "gateway.py"),
+        *args,
+        *where,
+        "--timezone=Asia/Shanghai",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def eventually(check, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------- editing users.yaml
+
+
+async def test_add_keeps_the_file_as_written_and_stores_only_a_digest(tmp_path: Path) -> None:
+    before = commented(tmp_path).read_text()
+    code, out, err = await cli(tmp_path, "user", "add", "dave", "--requests", "7")
+    assert code == 0, err
+    key = out.strip()
+    assert key.startswith("sk-") and len(key) >= 3 + 43  # 32 random bytes, URL-safe base64
+    assert key not in err
+    after = (tmp_path / "users.yaml").read_text()
+    assert key not in after
+    # Every original line is still there, in order; the new lines come after alice's entry.
+    assert after.startswith(before.split("\n  carol:")[0].rstrip("\n").rsplit("\n", 1)[0])
+    for line in before.splitlines():
+        assert line in after.splitlines()
+    users = gateway.parse_users(after)
+    assert users["dave"].key_sha256 == hashlib.sha256(key.encode()).digest()
+    assert users["dave"].daily_request_limit == 7
+    assert users["dave"].daily_token_limit == 100000  # defaults still apply
+    assert users["alice"].daily_token_limit == 5000  # the merge key still applies
+
+
+async def test_edits_touch_only_their_own_values(tmp_path: Path) -> None:
+    path = commented(tmp_path)
+    before = path.read_text().splitlines()
+    assert (await cli(tmp_path, "user", "disable", "carol"))[0] == 0
+    assert (await cli(tmp_path, "user", "limits", "alice", "--requests", "9"))[0] == 0
+    code, out, _ = await cli(tmp_path, "user", "rotate", "alice")
+    assert code == 0
+    after = path.read_text().splitlines()
+    diff = list(difflib.ndiff(before, after))
+    removed = [d[2:] for d in diff if d.startswith("- ")]
+    added = [d[2:] for d in diff if d.startswith("+ ")]
+    # alice's key line became a digest (its comment kept), carol's flow mapping got the flag,
+    # and alice's entry got one new line; nothing else moved.
+    assert removed == [before[11], before[14]]
+    digest = hashlib.sha256(out.strip().encode()).hexdigest()
+    assert added == [
+        f"    api_key_sha256: {digest}   # plain key, kept as written",
+        "    daily_request_limit: 9",
+        before[14].replace("enabled: true", "enabled: false"),
+    ]
+    users = gateway.parse_users(path.read_text())
+    assert not users["carol"].enabled
+    assert users["alice"].daily_request_limit == 9
+    assert users["alice"].daily_token_limit == 5000
+    assert (await cli(tmp_path, "user", "enable", "carol"))[0] == 0
+    assert gateway.parse_users(path.read_text())["carol"].enabled
+
+
+async def test_errors_have_exit_codes_and_change_nothing(tmp_path: Path) -> None:
+    path = commented(tmp_path)
+    original = path.read_text()
+    code, _, err = await cli(tmp_path, "user", "add", "alice")
+    assert (code, "already exists" in err) == (1, True)
+    for args in (("disable", "nobody"), ("rotate", "nobody"), ("reset", "nobody")):
+        code, _, err = await cli(tmp_path, "user", *args)
+        assert (code, "no user 'nobody'" in err) == (1, True), (args, err)
+    code, _, err = await cli(tmp_path, "user", "limits", "alice")
+    assert code == 2 and "--requests" in err
+    code, _, err = await cli(tmp_path, "user", "limits", "alice", "--requests", "-1")
+    assert code == 2 and ">= 0" in err
+    code, _, err = await cli(tmp_path, "user", "add", 'bad"name')
+    assert code == 2 and "user name" in err
+    assert (await cli(tmp_path, "usage", "--date", "26-11-2026"))[0] == 2
+    assert (await cli(tmp_path, "user", "frobnicate"))[0] == 2
+    assert path.read_text() == original
+    path.write_text(original + "  bad: [\n")
+    code, _, err = await cli(tmp_path, "user", "add", "erin")
+    assert code == 2 and "not valid YAML" in err
+    assert path.read_text() == original + "  bad: [\n"  # a broken file is not touched
+
+
+async def test_concurrent_adds_are_all_kept(tmp_path: Path) -> None:
+    commented(tmp_path)
+    results = await asyncio.gather(*(cli(tmp_path, "user", "add", f"u{n}") for n in range(12)))
+    assert [code for code, _, _ in results] == [0] * 12
+    users = gateway.parse_users((tmp_path / "users.yaml").read_text())
+    for n, (_, out, _) in enumerate(results):
+        assert users[f"u{n}"].key_sha256 == hashlib.sha256(out.strip().encode()).digest()
+
+
+async def test_add_to_a_file_without_users(tmp_path: Path) -> None:
+    (tmp_path / "users.yaml").write_text("defaults:\n  daily_request_limit: 3\n")
+    code, out, _ = await cli(tmp_path, "user", "add", "first user")
+    assert code == 0
+    users = gateway.parse_users((tmp_path / "users.yaml").read_text())
+    assert users["first user"].daily_request_limit == 3
+
+
+# ---------------------------------------------------------------- against a running gateway
+
+
+async def test_round_trip_against_a_running_gateway(penv: Env, procs, tmp_path: Path) -> None:
+    penv.write_users({"alice": {"api_key": ALICE_KEY}})
+    gw = procs(proc_args(penv), tmp_path / "gw.log", KEY_ENV)
+    await gw.ready()
+    http = penv.http
+
+    code, out, err = await cli(penv, "user", "add", "dave", "--requests", "3", "--tokens", "1000")
+    assert code == 0, err
+    key = out.strip()
+    # The printed key works without a restart.
+    await eventually(lambda: _key_is(http, gw.base, key, 200))
+    assert (await post(http, gw.base, key))[0] == 200
+
+    assert (await cli(penv, "user", "disable", "dave"))[0] == 0
+    await eventually(lambda: _key_is(http, gw.base, key, 401))
+    assert (await post(http, gw.base, key))[0] == 401
+    assert (await cli(penv, "user", "enable", "dave"))[0] == 0
+    await eventually(lambda: _key_is(http, gw.base, key, 200))
+    assert [(await post(http, gw.base, key))[0] for _ in range(2)] == [200, 200]
+    code, body = await post(http, gw.base, key)
+    assert code == 429 and body["data"]["daily_request_count"] == 3
+
+    code, out, _ = await cli(penv, "user", "list", "--format", "json")
+    dave = next(u for u in json.loads(out) if u["name"] == "dave")
+    assert (dave["requests_today"], dave["tokens_today"], dave["requests_left"]) == (3, 45, 0)
+
+    code, out, _ = await cli(penv, "user", "reset", "dave")
+    assert code == 0 and "were 3 requests, 45 tokens" in out
+    code, out, _ = await cli(penv, "user", "list", "--format", "json")
+    dave = next(u for u in json.loads(out) if u["name"] == "dave")
+    assert (dave["requests_today"], dave["tokens_today"]) == (0, 0)
+    # The running gateway sees the reset at once: three more calls, then 429 again.
+    codes = [(await post(http, gw.base, key))[0] for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+
+    code, new_key, _ = await cli(penv, "user", "rotate", "dave")
+    new_key = new_key.strip()
+    await eventually(lambda: _key_is(http, gw.base, key, 401))
+    assert (await post(http, gw.base, key))[0] == 401
+    assert (await post(http, gw.base, new_key))[0] == 429  # same user, same counters
+    assert (await cli(penv, "user", "limits", "dave", "--requests", "7"))[0] == 0
+    await eventually(lambda: _key_is(http, gw.base, new_key, 200, limit=7))
+    assert (await post(http, gw.base, new_key))[0] == 200
+
+    # usage counts what was used, resets included: 3 + 3 + 1 calls of 15 tokens.
+    code, out, _ = await cli(penv, "usage", "--format", "json", "--user", "dave")
+    assert [(r["user"], r["requests"], r["tokens"]) for r in json.loads(out)] == [
+        ("dave", 7, 105)
+    ]
+    code, out, _ = await cli(penv, "usage", "--format", "csv", "--days", "3")
+    lines = out.strip().splitlines()
+    assert lines[0] == "date,user,requests,tokens" and lines[-1].endswith(",dave,7,105")
+    # …and it agrees with the call log, line for line.
+    logged = [json.loads(x) for x in _call_log(penv).read_text().splitlines()]
+    charged = [x for x in logged if x["user"] == "dave" and x["status"] == 200]
+    assert (len(charged), sum(x["total_tokens"] for x in charged)) == (7, 105)
+    log_text = gw.log_path.read_text()
+    # One process all along; it reloaded after add, disable, enable, rotate and limits.
+    assert log_text.count("gateway listening") == 1
+    assert log_text.count("users file reloaded") == 5
+    for secret in (key, new_key):
+        assert secret not in gw.log_path.read_text()
+        assert secret not in penv.users_file.read_text()
+
+
+def _call_log(e: Env) -> Path:
+    return next((e.data_dir / "calls").glob("*.jsonl"))
+
+
+async def _key_is(http, base: str, key: str, want: int, limit: int | None = None) -> bool:
+    """Whether the gateway answers this key with `want` (and has this daily request limit),
+    probed without using any quota."""
+    resp = await http.fetch(
+        base + "/v1/models", headers={"Authorization": f"Bearer {key}"}, raise_error=False
+    )
+    if limit is not None and resp.headers.get("x-ratelimit-limit-requests") != str(limit):
+        return False
+    return resp.code == want
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+async def test_usage_formats_on_an_empty_data_dir(tmp_path: Path, fmt: str) -> None:
+    commented(tmp_path)
+    code, out, err = await cli(tmp_path, "usage", "--days", "14", "--format", fmt)
+    assert code == 0, err
+    assert out.strip() in ("date  user  requests  tokens", "date,user,requests,tokens", "[]")
+    assert not (tmp_path / "data").exists()  # reading creates nothing
