@@ -2815,7 +2815,7 @@ class AdminBase(BaseHandler):
             "base-uri 'none'",
         )
         self.set_header("X-Frame-Options", "DENY")
-        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("Referrer-Policy", "same-origin")  # no-referrer makes Origin "null"
         token = self.xsrf_token.decode()
         self.finish(html.replace("{{nonce}}", nonce).replace("{{xsrf}}", token))
 
@@ -2972,8 +2972,8 @@ header button { background:transparent; color:#fff; border-color:#4a536a; }
 .card .name { font-weight:600; font-size:15px; flex:1; overflow:hidden; text-overflow:ellipsis; }
 .badge { font-size:11px; padding:1px 8px; border-radius:99px; background:#e3f6ef; color:#0d7a5d; }
 .badge.off { background:#fde8e8; color:var(--red); }
-.metric { display:grid; grid-template-columns:70px 1fr 150px; align-items:center; gap:8px;
-          margin:6px 0; font-size:13px; }
+.metric { display:grid; grid-template-columns:64px 1fr minmax(96px, auto); align-items:center;
+          gap:10px; margin:6px 0; font-size:13px; }
 .metric .nums { text-align:right; color:var(--muted); font-variant-numeric:tabular-nums; }
 .legend { display:flex; gap:16px; font-size:12px; color:var(--muted); margin-bottom:6px; }
 .legend i { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:5px;
