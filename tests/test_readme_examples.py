@@ -49,3 +49,27 @@ async def test_node_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
     (tmp_path / "snippet.mjs").write_text(code)
     out = await run(["node", "snippet.mjs"], tmp_path)
     assert "You said: Hello!" in out
+
+
+async def test_operating_commands_run_as_written(tmp_path: Path) -> None:
+    block = snippet("sh", "python3 gateway.py user add")
+    commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
+    assert len(commands) == 8
+    (tmp_path / "users.yaml").write_text((ROOT / "users.yaml").read_text())
+    env = {
+        "GATEWAY_USERS_FILE": str(tmp_path / "users.yaml"),
+        "GATEWAY_DATA_DIR": str(tmp_path / "data"),
+    }
+    for argv in commands:
+        assert argv[:2] == ["python3", "gateway.py"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(ROOT / "gateway.py"),
+            *argv[2:],
+            env={**os.environ, **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, (argv, err.decode())
+    assert "alice" in (tmp_path / "users.yaml").read_text()
