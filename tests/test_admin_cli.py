@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ALICE_KEY, KEY_ENV, ROOT, Env, post, proc_args
 
 import gateway
-from conftest import ALICE_KEY, KEY_ENV, ROOT, VALID, Env, post, proc_args
 
 COMMENTED = """\
 # Team users — edited by hand and by `gateway.py user`.
@@ -154,7 +154,7 @@ async def test_concurrent_adds_are_all_kept(tmp_path: Path) -> None:
 
 async def test_add_to_a_file_without_users(tmp_path: Path) -> None:
     (tmp_path / "users.yaml").write_text("defaults:\n  daily_request_limit: 3\n")
-    code, out, _ = await cli(tmp_path, "user", "add", "first user")
+    code, _out, _ = await cli(tmp_path, "user", "add", "first user")
     assert code == 0
     users = gateway.parse_users((tmp_path / "users.yaml").read_text())
     assert users["first user"].daily_request_limit == 3
@@ -209,9 +209,7 @@ async def test_round_trip_against_a_running_gateway(penv: Env, procs, tmp_path: 
 
     # usage counts what was used, resets included: 3 + 3 + 1 calls of 15 tokens.
     code, out, _ = await cli(penv, "usage", "--format", "json", "--user", "dave")
-    assert [(r["user"], r["requests"], r["tokens"]) for r in json.loads(out)] == [
-        ("dave", 7, 105)
-    ]
+    assert [(r["user"], r["requests"], r["tokens"]) for r in json.loads(out)] == [("dave", 7, 105)]
     code, out, _ = await cli(penv, "usage", "--format", "csv", "--days", "3")
     lines = out.strip().splitlines()
     assert lines[0] == "date,user,requests,tokens" and lines[-1].endswith(",dave,7,105")

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import ALICE_KEY, ALL_SECRETS, BOB_KEY, ROOT, Client, Env
+from playwright.async_api import async_playwright
 
 ADMIN_KEY = "admin-CANARY-0123456789"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -147,8 +148,6 @@ def _chromium() -> str:
 
 async def test_dashboard_in_headless_chromium(env: Env, tmp_path: Path) -> None:
     chromium = _chromium()
-    from playwright.async_api import async_playwright
-
     env.write_users(
         {
             "alice": {"api_key": ALICE_KEY, "daily_request_limit": 20},
@@ -186,7 +185,8 @@ async def test_dashboard_in_headless_chromium(env: Env, tmp_path: Path) -> None:
             fill = page.locator(".card[data-user='alice'] .metric.requests .fill")
             assert await fill.get_attribute("data-share") == "0.250"
             box = await fill.bounding_box()
-            track = await page.locator(".card[data-user='alice'] .metric.requests .track").bounding_box()
+            track_locator = page.locator(".card[data-user='alice'] .metric.requests .track")
+            track = await track_locator.bounding_box()
             assert box and track and abs(box["width"] / track["width"] - 0.25) < 0.02
             assert "5 / 20" in await page.locator(".card[data-user='alice']").inner_text()
             assert "disabled" in await page.locator(".card[data-user='bob'] .badge").inner_text()

@@ -1,4 +1,4 @@
-"""The per-call log (data/calls/DAY.jsonl): one line per finished call, totals equal the counters."""
+"""The call log (data/calls/DAY.jsonl): one line per finished call; totals equal the counters."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ async def test_mixed_calls_at_once_log_one_line_each_and_match_the_counters(env:
     assert sorted(x["status"] for x in lines) == sorted(codes)
     charged = [x for x in lines if x["status"] == 200]
     requests, tokens = env.gateways[0].store.totals(env.gateways[0].clock.today())
-    assert (len(charged), sum(x["total_tokens"] for x in charged)) == (requests, tokens) == (50, 750)
+    logged = (len(charged), sum(x["total_tokens"] for x in charged))
+    assert logged == (requests, tokens) == (50, 750)
     by_user = {
         u: (len(rows), sum(x["total_tokens"] for x in rows))
         for u in ("alice", "carol")
@@ -149,7 +150,8 @@ async def test_retention_deletes_old_days_only(env: Env) -> None:
     (env.data_dir / "notes.json").write_text("{}")  # not ours: left alone
     await env.start(retention_days=3, timezone="")
     left = sorted(p.name for p in env.data_dir.iterdir() if p.is_file())
-    assert left == sorted([f"{d}.{x}" for d in days[:4] for x in ("json", "jsonl")] + ["notes.json"])
+    kept = [f"{d}.{x}" for d in days[:4] for x in ("json", "jsonl")]
+    assert left == sorted([*kept, "notes.json"])
     calls = sorted(p.name for p in (env.data_dir / "calls").iterdir())
     assert calls == sorted(f"{d}.jsonl" for d in days[:4])
 

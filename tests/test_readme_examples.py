@@ -70,6 +70,6 @@ async def test_operating_commands_run_as_written(tmp_path: Path) -> None:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        _out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, (argv, err.decode())
     assert "alice" in (tmp_path / "users.yaml").read_text()
