@@ -1,5 +1,6 @@
 """Model-based test: random sequences of calls, failures, disconnects, restarts, crashes, new
-days and users.yaml edits; after every step the gateway's counters equal a simple model's."""
+days, users.yaml edits and admin resets; after every step the gateway's counters, its usage
+report and its call log equal a simple model's."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class GatewayModel(RuleBasedStateMachine):
         self.clock = Clock()
         self.limits = {"alice": [3, 10**6], "bob": [6, 10**6], "carol": [100, 40]}
         self.used: dict[str, dict[str, list[int]]] = {}  # day -> user -> [requests, tokens]
+        self.spent: dict[str, dict[str, list[int]]] = {}  # the same, never reset
         self.write_users()
         self.fake = FakeUpstream()
         self.run(self._start_upstream())
@@ -109,9 +111,14 @@ class GatewayModel(RuleBasedStateMachine):
             return 0
         return max(0, min(n, request_limit - requests))
 
+    def spent_today(self) -> dict[str, list[int]]:
+        assert self.gw is not None
+        return self.spent.setdefault(self.gw.clock.today(), {u: [0, 0] for u in USERS})
+
     def charge(self, user: str, calls: int) -> None:
-        self.today()[user][0] += calls
-        self.today()[user][1] += calls * TOKENS_PER_CALL
+        for table in (self.today(), self.spent_today()):
+            table[user][0] += calls
+            table[user][1] += calls * TOKENS_PER_CALL
 
     # ------------------------------------------------------------ rules
 
@@ -199,6 +206,16 @@ class GatewayModel(RuleBasedStateMachine):
 
         self.run(reloaded())
 
+    @rule(user=st.sampled_from(USERS))
+    def admin_resets(self, user: str) -> None:
+        """`gateway.py user reset`: another process appends the reset to the journal."""
+        admin = gateway.Admin(str(self.tmp / "users.yaml"), str(self.tmp / "data"), "Asia/Shanghai")
+        admin.clock.now = self.clock
+        self.run(admin.reset(user))
+        for ledger in admin.store._ledgers.values():
+            ledger.close()
+        self.today()[user] = [0, 0]
+
     # ------------------------------------------------------------ invariants
 
     @invariant()
@@ -210,7 +227,18 @@ class GatewayModel(RuleBasedStateMachine):
             assert [counts.requests, counts.tokens] == self.today()[user], user
             assert counts.reserved == 0
         status = self.gw.relay.status()["stats"]  # type: ignore[union-attr]
-        assert status["today_requests"] == sum(r for r, _ in self.today().values())
+        spent = self.spent_today()
+        assert status["today_requests"] == sum(r for r, _ in spent.values())
+        # The usage report and the call log count every charge, resets or not.
+        assert self.gw.store.usage(day) == {u: tuple(v) for u, v in spent.items() if v[0]}
+        logged = {u: [0, 0] for u in USERS}
+        path = self.tmp / "data" / "calls" / f"{day}.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            rec = json.loads(line)
+            if rec["status"] == 200 or rec["partial"]:
+                logged[rec["user"]][0] += 1
+                logged[rec["user"]][1] += rec["total_tokens"]
+        assert logged == spent
 
     def teardown(self) -> None:
         if self.gw is not None:
