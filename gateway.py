@@ -2878,8 +2878,7 @@ class AdminActionHandler(AdminBase):
     async def post(self, name: str, action: str) -> None:
         self.require_login()
         self.check_origin()
-        name = urllib.parse.unquote(name)
-        relay = self.relay
+        relay = self.relay  # `name` arrives URL-decoded
         if name not in relay.users.by_name:
             raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no user {name!r}"})
         try:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,19 @@ async def test_actions_need_the_xsrf_token_and_our_origin(env: Env) -> None:
     assert state["history"][-1]["requests"] == 1  # usage history keeps what was used
     code, _, _ = await b.request("/admin/api/users/nobody/reset", "POST", "", X_XSRFToken=token)
     assert code == 404
+
+
+async def test_actions_on_a_user_whose_name_needs_escaping(env: Env) -> None:
+    name = "ann / 王 100%"
+    env.write_users({name: {"api_key": ALICE_KEY}})
+    client = await env.start(admin_key=ADMIN_KEY)
+    b = Browser(client)
+    assert await b.login() == 303
+    token = await b.xsrf()
+    path = f"/admin/api/users/{urllib.parse.quote(name, safe='')}/disable"
+    code, body, _ = await b.request(path, "POST", "", X_XSRFToken=token)
+    assert code == 200, body
+    assert yaml.safe_load(env.users_file.read_text())["users"][name]["enabled"] is False
 
 
 def _chromium() -> str:

@@ -157,7 +157,13 @@ class GatewayModel(RuleBasedStateMachine):
             await writer.drain()
             await asyncio.sleep(0.05)
             writer.close()
-            await asyncio.sleep(0.3)  # the upstream answers; the gateway settles
+            # The upstream answers (0.15 s) and the gateway settles: wait until no call is left.
+            await asyncio.sleep(0.1)
+            for _ in range(250):
+                if not self.gw.relay.active:  # type: ignore[union-attr]
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError("the abandoned call did not finish")
 
         self.run(leave())
         self.fake.delay = 0.0
