@@ -4,6 +4,8 @@ with the team's key, enforcing exact per-user daily request and token limits.
 Run:    python gateway.py --demo                     (built-in mock model, no upstream key needed)
         python gateway.py --upstream-api-key=sk-...  (or UPSTREAM_API_KEY / OPENAI_API_KEY)
 Users:  users.yaml, reloaded on change (format in README.md).  Counters: data/YYYY-MM-DD.jsonl.
+Admin:  python gateway.py user add|list|disable|enable|limits|rotate|reset …, usage …;
+        /admin dashboard and /metrics with --admin-key.
 """
 
 from __future__ import annotations
@@ -3149,9 +3151,9 @@ function drawLive(g) {
   document.getElementById("latency").textContent = ms(g.latency.p50) + " / " + ms(g.latency.p95);
   latencies.push(g.latency.p50 || 0);
   if (latencies.length > 60) latencies.shift();
-  const top = Math.max(0.001, ...latencies);
+  const low = Math.min(...latencies), span = Math.max(0.001, Math.max(...latencies) - low);
   document.getElementById("latency-line").setAttribute("points", latencies.map((v, i) =>
-    (i * 200 / 59).toFixed(1) + "," + (32 - 30 * v / top).toFixed(1)).join(" "));
+    (i * 200 / 59).toFixed(1) + "," + (32 - 30 * (v - low) / span).toFixed(1)).join(" "));
   document.getElementById("today").replaceChildren(fmt(g.today_requests),
     el("small", {textContent: " requests"}));
   document.getElementById("today-tokens").textContent = fmt(g.today_tokens) + " tokens";

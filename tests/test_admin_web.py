@@ -7,13 +7,24 @@ import json
 import os
 import re
 import shutil
+import signal
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import ALICE_KEY, ALL_SECRETS, BOB_KEY, ROOT, Client, Env
+from conftest import (
+    ALICE_KEY,
+    ALL_SECRETS,
+    BOB_KEY,
+    KEY_ENV,
+    ROOT,
+    Client,
+    Env,
+    data_text,
+    proc_args,
+)
 from playwright.async_api import async_playwright
 
 ADMIN_KEY = "admin-CANARY-0123456789"
@@ -235,3 +246,27 @@ async def test_dashboard_in_headless_chromium(env: Env, tmp_path: Path) -> None:
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
     for secret in ALL_SECRETS:
         assert secret not in content
+
+
+async def test_admin_key_stays_out_of_a_process_log(penv: Env, procs, tmp_path: Path) -> None:
+    gw = procs(
+        proc_args(penv, "--logging=debug"),
+        tmp_path / "gw.log",
+        {**KEY_ENV, "GATEWAY_ADMIN_KEY": ADMIN_KEY},
+    )
+    await gw.ready()
+    b = Browser(Client(gw.base, penv.http))
+    assert await b.login("wrong-admin-key-0000") == 403
+    assert await b.login() == 303
+    assert (await b.request("/admin/api/state"))[0] == 200
+    resp = await penv.http.fetch(
+        gw.base + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    assert resp.code == 200
+    gw.kill(signal.SIGTERM)
+    assert await gw.wait() == 0
+    text = gw.log_path.read_text()
+    assert "admin login refused" in text
+    for secret in (ADMIN_KEY, *ALL_SECRETS):
+        assert secret not in text
+        assert secret not in data_text(penv.data_dir)
