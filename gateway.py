@@ -503,6 +503,22 @@ class UsersEdit:
             line = "\n" + line
         self._splice(at, at, line)
 
+    def remove(self, name: str) -> None:
+        """Delete users.NAME's lines (comments above it stay)."""
+        found = self._users_node()
+        if found is None or not isinstance(found[1], yaml.MappingNode):
+            raise LookupError(name)
+        users = found[1]
+        if users.flow_style:
+            raise ConfigError("'users' is not written as a block mapping; edit it by hand")
+        for key, _ in users.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == name:
+                entry = self._entry(name)
+                start = self.text.rfind("\n", 0, key.start_mark.index) + 1
+                self._splice(start, _line_end(self.text, _last_index(entry)), "")
+                return
+        raise LookupError(name)
+
     def add(self, name: str, fields: dict[str, str]) -> None:
         """Append users.NAME with these fields after the last user."""
         if name in self.names():
@@ -3393,6 +3409,7 @@ def _admin_parser() -> argparse.ArgumentParser:
         ("disable", "refuse the user's key (401) until enabled"),
         ("enable", "accept the user's key again"),
         ("rotate", "new key (printed once); the old one stops working"),
+        ("remove", "delete the user from users.yaml (their usage records stay)"),
         ("reset", "zero today's counters (calls in flight are still charged)"),
     ):
         actions.add_parser(action, help=text, parents=[common]).add_argument("name")
@@ -3487,6 +3504,9 @@ class Admin:
 
         return self._edit(name, change)[name]
 
+    def remove(self, name: str) -> None:
+        self._edit(name, lambda e: e.remove(name))
+
     def rotate(self, name: str) -> str:
         key = new_api_key()
         self._edit(name, lambda e: e.set(name, "api_key_sha256", key_digest(key), "api_key"))
@@ -3579,6 +3599,9 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
         elif action in ("disable", "enable"):
             admin.set_enabled(name, action == "enable")
             print(f"user {name!r} {action}d", file=out)
+        elif action == "remove":
+            admin.remove(name)
+            print(f"user {name!r} removed", file=out)
         elif action == "limits":
             u = admin.limits(name, args.requests, args.tokens)
             print(

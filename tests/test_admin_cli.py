@@ -125,9 +125,9 @@ async def test_errors_have_exit_codes_and_change_nothing(tmp_path: Path) -> None
     original = path.read_text()
     code, _, err = await cli(tmp_path, "user", "add", "alice")
     assert (code, "already exists" in err) == (1, True)
-    for args in (("disable", "nobody"), ("rotate", "nobody"), ("reset", "nobody")):
+    for args in (("disable", "nobody"), ("rotate", "nobody"), ("reset", "nobody"), ("remove", "x")):
         code, _, err = await cli(tmp_path, "user", *args)
-        assert (code, "no user 'nobody'" in err) == (1, True), (args, err)
+        assert (code, f"no user '{args[1]}'" in err) == (1, True), (args, err)
     code, _, err = await cli(tmp_path, "user", "limits", "alice")
     assert code == 2 and "--requests" in err
     code, _, err = await cli(tmp_path, "user", "limits", "alice", "--requests", "-1")
@@ -217,10 +217,15 @@ async def test_round_trip_against_a_running_gateway(penv: Env, procs, tmp_path: 
     logged = [json.loads(x) for x in _call_log(penv).read_text().splitlines()]
     charged = [x for x in logged if x["user"] == "dave" and x["status"] == 200]
     assert (len(charged), sum(x["total_tokens"] for x in charged)) == (7, 105)
+    # Removed: the key stops working; the usage records stay.
+    assert (await cli(penv, "user", "remove", "dave"))[0] == 0
+    await eventually(lambda: _key_is(http, gw.base, new_key, 401))
+    code, out, _ = await cli(penv, "usage", "--format", "json")
+    assert [(r["user"], r["requests"]) for r in json.loads(out)] == [("dave", 7)]
     log_text = gw.log_path.read_text()
-    # One process all along; it reloaded after add, disable, enable, rotate and limits.
+    # One process all along; it reloaded after add, disable, enable, rotate, limits, remove.
     assert log_text.count("gateway listening") == 1
-    assert log_text.count("users file reloaded") == 5
+    assert log_text.count("users file reloaded") == 6
     for secret in (key, new_key):
         assert secret not in gw.log_path.read_text()
         assert secret not in penv.users_file.read_text()

