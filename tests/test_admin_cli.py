@@ -253,3 +253,45 @@ async def test_usage_formats_on_an_empty_data_dir(tmp_path: Path, fmt: str) -> N
     assert code == 0, err
     assert out.strip() in ("date  user  requests  tokens", "date,user,requests,tokens", "[]")
     assert not (tmp_path / "data").exists()  # reading creates nothing
+
+
+async def test_reset_among_waves_of_calls_on_two_processes(
+    penv: Env, procs, tmp_path: Path
+) -> None:
+    """A reset lands among the calls: whatever it frees, every 200 is counted once everywhere."""
+    penv.write_users({"alice": {"api_key": ALICE_KEY, "daily_request_limit": 20}})
+    penv.upstream.delay = 0.02
+    a = procs(proc_args(penv), tmp_path / "a.log", KEY_ENV)
+    b = procs(proc_args(penv), tmp_path / "b.log", KEY_ENV)
+    await asyncio.gather(a.ready(), b.ready())
+
+    async def waves() -> list[int]:
+        """10 waves of 20 calls at once, 0.15 s apart; the reset lands among them."""
+        codes: list[int] = []
+        for _ in range(10):
+            calls = [post(penv.http, (a if i % 2 else b).base) for i in range(20)]
+            codes += [code for code, _ in await asyncio.gather(*calls)]
+            await asyncio.sleep(0.15)
+        return codes
+
+    codes, (reset_code, _, _) = await asyncio.gather(waves(), cli(penv, "user", "reset", "alice"))
+    assert reset_code == 0
+    ok = codes.count(200)
+    assert codes.count(200) + codes.count(429) == 200
+    assert codes[:20] == [200] * 20 and codes[-20:] == [429] * 20
+    assert 20 < ok <= 40  # the reset gave back at most one day's worth
+    _, out, _ = await cli(penv, "usage", "--format", "json")
+    assert json.loads(out)[0]["requests"] == ok
+    logged = [json.loads(x) for x in _call_log(penv).read_text().splitlines()]
+    assert len(logged) == 200
+    assert sum(1 for x in logged if x["status"] == 200) == ok
+    _, out, _ = await cli(penv, "user", "list", "--format", "json")
+    (alice,) = json.loads(out)
+    # What counts against the limit now is exactly what was charged after the reset record.
+    (journal,) = penv.data_dir.glob("*.jsonl")
+    records = [json.loads(x) for x in journal.read_text().split("\n") if x]
+    kinds = [r["k"] for r in records]
+    assert kinds.count("z") == 1
+    after = kinds[kinds.index("z") :].count("s")
+    assert alice["requests_today"] == after <= 20
+    assert kinds.count("s") == ok
