@@ -178,3 +178,15 @@ async def test_usage_report_reads_the_same_counters(env: Env, tmp_path: Path) ->
 def call_lines_for(e: Env) -> list[dict[str, Any]]:
     (path,) = (e.data_dir / "calls").glob("*.jsonl")
     return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+async def test_an_unwritable_call_log_does_not_fail_calls(env: Env, caplog) -> None:
+    env.data_dir.mkdir()
+    (env.data_dir / "calls").write_text("a file where the folder should be")
+    client = await env.start()
+    for _ in range(3):
+        assert (await client.call(body()))[0] == 200
+    assert env.gateways[0].store.totals(env.gateways[0].clock.today()) == (3, 45)
+    errors = [r for r in caplog.records if "call log" in r.getMessage()]
+    assert len(errors) == 1  # logged once, not once per call
+    assert errors[0].levelname == "ERROR"
