@@ -75,6 +75,7 @@ MSG_HEADERS_TOO_LARGE = "请求头过大"
 MSG_INTERNAL = "系统内部错误"
 MSG_STOPPING = "服务正在停止"
 MSG_FORBIDDEN = "无权访问"
+MSG_TOO_MANY = "请求过于频繁"
 
 MAX_HEADER_BYTES = 32 * 1024  # request headers, names and values together
 
@@ -149,15 +150,178 @@ class ClientGone(Exception):
     """The client disconnected while its call was still waiting in the queue."""
 
 
-_SECRET_PATTERNS = re.compile(r"(?:sk|pk|key)-[A-Za-z0-9_\-*.]{6,}|Bearer\s+\S+", re.IGNORECASE)
+# ---------------------------------------------------------------------------------------------
+# Secrets out, control characters escaped: what may reach a client, a log or data/
+# ---------------------------------------------------------------------------------------------
+
+# Key-shaped text from anywhere: sk-…, gsk_…, xai-…, key-…, and Authorization values.
+_SECRET_PATTERNS = re.compile(
+    r"\b(?:sk|pk|rk|gsk|xai|key)[-_][A-Za-z0-9_\-*.]{6,}|Bearer\s+\S+", re.IGNORECASE
+)
+_KEYISH_RUN = re.compile(r"[A-Za-z0-9_\-.+/=~*]{8,}")
+_FRAGMENT = 8  # this many consecutive characters of a configured secret are redacted
+REDACTED = "[redacted]"
+
+
+class Redactor:
+    """Takes the configured secrets out of text that comes from the upstream or the OS.
+
+    Upstreams echo keys whole ("Bearer sk-…"), in part ("Incorrect API key: gsk_ABCD…"), or
+    key-shaped strings that are not ours. `text` removes all three: each secret, every run
+    holding 8+ consecutive characters of one, and anything key-shaped. `data` is for the
+    relayed bytes of a successful answer: whole secrets only, and no copy when none occurs.
+    """
+
+    def __init__(self, secrets_: tuple[str, ...] = ()) -> None:
+        self.secrets = tuple(sorted({s for s in secrets_ if s}, key=len, reverse=True))
+        self._bytes = tuple(s.encode() for s in self.secrets)
+        # A window that is one kind of character ("upstream", "20261127") would match
+        # ordinary words: only windows that mix kinds, as random keys do, are looked for.
+        self._windows = {
+            w
+            for s in self.secrets
+            for i in range(len(s) - _FRAGMENT + 1)
+            if _mixed(w := s[i : i + _FRAGMENT])
+        }
+
+    def text(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if self._windows:
+            text = _KEYISH_RUN.sub(self._fragment, text)
+        return _SECRET_PATTERNS.sub(REDACTED, text)
+
+    def _fragment(self, m: re.Match[str]) -> str:
+        run = m.group()
+        windows = self._windows
+        for i in range(len(run) - _FRAGMENT + 1):
+            if run[i : i + _FRAGMENT] in windows:
+                return REDACTED
+        return run
+
+    def data(self, data: bytes) -> bytes:
+        for secret in self._bytes:
+            if secret in data:
+                data = data.replace(secret, REDACTED.encode())
+        return data
+
+
+def _mixed(text: str) -> bool:
+    kinds = (str.islower, str.isupper, str.isdigit, lambda c: not c.isalnum())
+    return sum(any(kind(c) for c in text) for kind in kinds) >= 2
 
 
 def redact(text: str, secrets_: tuple[str, ...] = ()) -> str:
-    """Remove anything key-shaped from text that may come from the upstream or the OS."""
-    for secret in secrets_:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return _SECRET_PATTERNS.sub("[redacted]", text)
+    """Remove these secrets, fragments of them and anything key-shaped from text."""
+    return Redactor(secrets_).text(text)
+
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROLS_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (
+        f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+    )
+
+
+def escape_controls(text: str, keep_newlines: bool = False) -> str:
+    """Control characters as visible escapes: a logged string cannot forge a line or drive the
+    terminal (ESC sequences, C1 controls, Unicode line separators)."""
+    pattern = _CONTROLS_BUT_NEWLINE if keep_newlines else _CONTROLS
+    return pattern.sub(_escape_char, text)
+
+
+STRANGER_LINES_PER_MINUTE = 20  # log lines about requests that never authenticated
+
+
+class LogGuard(logging.Filter):
+    """Every record the gateway's and Tornado's loggers emit passes here once, so that no
+    log line carries a secret or a raw control character, whoever wrote it.
+
+    It also bounds the lines that traffic without a valid key can cause (records marked
+    `stranger`, and Tornado's notes on malformed requests) to STRANGER_LINES_PER_MINUTE, and
+    drops Tornado's "Malformed HTTP message" about an upstream read the gateway aborted on
+    purpose (ClientLeft).
+    """
+
+    LOGGERS = (
+        "gateway",
+        "tornado.access",
+        "tornado.application",
+        "tornado.general",
+        "tornado.curl_httpclient",
+        "asyncio",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.redactor = Redactor()
+        self._window = 0.0
+        self._lines = 0
+        self.suppressed = 0
+
+    def install(self, redactor: Redactor) -> None:
+        """Guard the loggers (once) and redact these secrets from now on."""
+        self.redactor = redactor
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            if self not in logger.filters:
+                logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if any(isinstance(arg, ClientLeft) for arg in args):
+            return False
+        if record.name == "tornado.general":
+            # "Malformed HTTP message from …: Invalid header value 'sk-…\r'" quotes the
+            # client's header, which may be a key: only the kind of fault is kept.
+            record.args = tuple(
+                _HEADER_QUOTE.sub(r"\1 [withheld]", str(a))
+                if isinstance(a, str | BaseException)
+                else a
+                for a in args
+            )
+            if str(record.msg).startswith(("Malformed HTTP", "Timeout reading body")):
+                record.stranger = True
+        if getattr(record, "stranger", False) and not self._allow_stranger():
+            return False
+        message = escape_controls(self.redactor.text(record.getMessage()))
+        record.msg, record.args = message, None
+        if record.exc_info and not record.exc_text:
+            text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_text = escape_controls(self.redactor.text(text), keep_newlines=True)
+        return True
+
+    def _allow_stranger(self) -> bool:
+        now = time.monotonic()
+        if now - self._window >= 60:
+            self.flush()
+            self._window, self._lines = now, 0
+        self._lines += 1
+        if self._lines <= STRANGER_LINES_PER_MINUTE:
+            return True
+        self.suppressed += 1
+        return False
+
+    def flush(self) -> None:
+        """Log how many lines the last minute's limit held back (called every few seconds)."""
+        if self.suppressed and time.monotonic() - self._window >= 60:
+            n, self.suppressed = self.suppressed, 0
+            log.warning(
+                "%d more log lines about requests without a valid key were not written "
+                "in the last minute (at most %d a minute are)",
+                n,
+                STRANGER_LINES_PER_MINUTE,
+            )
+
+
+_HEADER_QUOTE = re.compile(r"(Invalid header (?:value|name)|Invalid Host header:?) .*", re.S)
+_TRACEBACKS = logging.Formatter()
+LOG_GUARD = LogGuard()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +356,12 @@ class Config:
     http_client: str = "auto"
     admin_key: str = ""
     retention_days: int = 0
+    max_body_memory: int = 64 * 1024 * 1024
+    max_event_size: int = 1024 * 1024
+
+    def secrets(self) -> tuple[str, ...]:
+        """The configured secrets: redacted wherever outside text enters the gateway."""
+        return (self.upstream_api_key, self.admin_key)
 
     def tz(self) -> tzinfo | None:
         """The configured zone, or None for the machine's local zone."""
@@ -217,7 +387,18 @@ _USER_FIELDS = {
     "enabled",
     "demo_only",
 }
-_NAME_RE = re.compile(r'^[^\x00-\x1f\x7f"\\]{1,64}$')
+_NAME_RE = re.compile(r'^[^"\\]{1,64}$')
+# A plain api_key: what a client can send in a header and the gateway compare byte for byte.
+_PLAIN_KEY_RE = re.compile(r"^[\x21-\x7e]{8,}$")
+
+
+def valid_name(name: Any) -> bool:
+    """1-64 printable characters without quotes or backslashes: no control characters, C1
+    controls, line or paragraph separators or surrogates, which YAML, logs and terminals
+    would each read differently."""
+    return isinstance(name, str) and bool(_NAME_RE.match(name)) and name.isprintable()
+
+
 _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -286,7 +467,7 @@ def parse_users(text: str, demo: bool = False) -> dict[str, User]:
     users: dict[str, User] = {}
     digests: dict[bytes, str] = {}
     for name, entry in entries.items():
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not valid_name(name):
             raise ConfigError(f"user name {name!r}: 1-64 printable characters, no quotes")
         if not isinstance(entry, dict):
             raise ConfigError(f"users.{name} must be a mapping")
@@ -297,8 +478,12 @@ def parse_users(text: str, demo: bool = False) -> dict[str, User]:
         if (key is None) == (digest_hex is None):
             raise ConfigError(f"users.{name}: give exactly one of api_key or api_key_sha256")
         if key is not None:
-            if not isinstance(key, str) or len(key) < 8:
-                raise ConfigError(f"users.{name}.api_key must be a string of 8+ characters")
+            if not isinstance(key, str) or not _PLAIN_KEY_RE.match(key):
+                # A key with spaces around it or non-ASCII characters would load but could
+                # never match what a client sends.
+                raise ConfigError(
+                    f"users.{name}.api_key must be 8+ characters of printable ASCII, no spaces"
+                )
             digest = hashlib.sha256(key.encode()).digest()
         else:
             if not isinstance(digest_hex, str) or not _HEX64_RE.match(digest_hex):
@@ -569,7 +754,10 @@ def edit_users_file(path: str, change: Callable[[UsersEdit], None]) -> dict[str,
     half), keeping its permissions. Returns the users of the new file.
     """
     target = Path(path)
-    lock = filelock.FileLock(str(target.with_name(f".{target.name}.lock")))
+    try:
+        lock = file_lock(target.with_name(f".{target.name}.lock"))
+    except OSError as e:
+        raise ConfigError(f"cannot lock {path}: {e.strerror}") from None
     try:
         with lock.acquire(timeout=10):
             try:
@@ -725,7 +913,8 @@ def _encode_record(rec: dict[str, Any]) -> bytes:
     Several times faster than json.dumps for these small records, and the same bytes.
     """
     parts = [f'"{k}":{v}' if type(v) is int else f'"{k}":{_json_str(v)}' for k, v in rec.items()]
-    return ("{" + ",".join(parts) + "}").encode()
+    # backslashreplace: a lone surrogate becomes its JSON escape, never a failed charge.
+    return ("{" + ",".join(parts) + "}").encode("utf-8", "backslashreplace")
 
 
 _READ_CHUNK = 4 * 1024 * 1024
@@ -765,7 +954,7 @@ class _Ledger:
         self._own: dict[int, dict[str, Any]] = {}  # offset -> a record this process appended
         self._sync: asyncio.Task[None] | None = None
         try:
-            self.fd = os.open(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            self.fd = open_private(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         except OSError as e:
             raise StoreError(f"cannot open {self.journal}: {e.strerror}") from None
         self._load_snapshot()
@@ -775,7 +964,7 @@ class _Ledger:
 
     def _load_snapshot(self) -> None:
         try:
-            raw = self.snapshot.read_bytes()
+            raw = read_private(self.snapshot)
         except FileNotFoundError:
             return
         except OSError as e:
@@ -1014,14 +1203,16 @@ class _Ledger:
 
     def _store_snapshot(self, data: bytes, pos: int) -> int:
         """Replace the snapshot unless the file is as new; return the offset it now holds."""
-        lock = filelock.FileLock(str(self.store.root / ".snapshot.lock"), thread_local=False)
         try:
+            lock = file_lock(self.store.root / ".snapshot.lock", thread_local=False)
             lock.acquire(timeout=0)
+        except OSError as e:
+            raise StoreError(f"cannot lock {self.store.root}: {e.strerror}") from None
         except filelock.Timeout:
             return -1  # another process is writing one; ours will be newer next time
         try:
             try:
-                theirs = json.loads(self.snapshot.read_bytes())["journal_offset"]
+                theirs = json.loads(read_private(self.snapshot))["journal_offset"]
             except (OSError, ValueError, KeyError, TypeError):
                 theirs = -1
             if isinstance(theirs, int) and theirs >= pos:
@@ -1045,11 +1236,55 @@ class _Ledger:
         os.close(self.fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace path with data so that a crash at any point leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_private(path: Path, flags: int) -> int:
+    """os.open that never follows a symbolic link at `path` and creates files as 0600."""
+    return os.open(path, flags | _NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def read_private(path: Path) -> bytes:
+    """A file's bytes, refusing a symbolic link (ELOOP) as open_private does."""
+    fd = open_private(path, os.O_RDONLY)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create a directory and its missing parents as 0700, whatever the umask."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)  # mkdir's mode passes through the umask
+
+
+def file_lock(path: Path, thread_local: bool = True) -> filelock.BaseFileLock:
+    """A filelock lock whose file is 0600 whatever the umask and never a symbolic link."""
+    os.close(open_private(path, os.O_RDWR | os.O_CREAT))  # ELOOP on a link
+    return filelock.FileLock(str(path), mode=0o600, thread_local=thread_local)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace path with data so that a crash at any point leaves the old or the new file.
+
+    The temporary file has an unpredictable name and is created exclusively, never through
+    a symbolic link, so nothing planted in the directory can redirect the write.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             os.fchmod(fd, mode)  # whatever the umask
             view = memoryview(data)
@@ -1089,8 +1324,10 @@ class JournalStore(UsageStore):
 
     async def start(self) -> None:
         try:
-            (self.root / "owners").mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._owner_lock = filelock.FileLock(str(self.root / "owners" / f"{self.owner}.lock"))
+            make_private_dir(self.root / "owners")
+            if os.stat(self.root).st_mode & 0o022:
+                log.warning("data dir %s is writable by others than its owner", self.root)
+            self._owner_lock = file_lock(self.root / "owners" / f"{self.owner}.lock")
             self._owner_lock.acquire(timeout=5)
         except (OSError, filelock.Timeout) as e:
             raise StoreError(f"cannot use data dir {self.root}: {e}") from None
@@ -1207,9 +1444,11 @@ class JournalStore(UsageStore):
             return False
         path = self.root / "owners" / f"{owner}.lock"
         if path.exists():
-            lock = filelock.FileLock(str(path))
             try:
+                lock = file_lock(path)
                 lock.acquire(timeout=0)
+            except OSError:
+                return True  # not ours to judge: keep its slots
             except filelock.Timeout:
                 return True
             path.unlink(missing_ok=True)
@@ -1244,6 +1483,8 @@ class Upstream:
     def __init__(self, config: Config) -> None:
         self.base_url = config.upstream_base_url.rstrip("/")
         self.api_key = config.upstream_api_key
+        # Upstream text enters the gateway here and nowhere else; it is redacted on the way in.
+        self.redactor = Redactor(config.secrets())
         self.timeout = config.upstream_timeout
         self.connect_timeout = config.upstream_connect_timeout
         # Tornado's default max_clients=10 would silently cap in-flight calls below --concurrency.
@@ -1304,16 +1545,16 @@ class Upstream:
         if response.code == 599:
             raise UpstreamFailure(None, self._describe(response.error))
         if not 200 <= response.code < 300:
-            raise UpstreamFailure(response.code, self._redact(_error_message(response.body)))
+            raise UpstreamFailure(response.code, self.redactor.text(_error_message(response.body)))
         try:
             reply = json.loads(response.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             reply = None
         if not isinstance(reply, dict):
             raise UpstreamFailure(
                 response.code, "upstream returned a body that is not a JSON object"
             )
-        return reply, response.body
+        return reply, self.redactor.data(response.body)
 
     async def post_json(self, path: str, body: bytes) -> tuple[dict[str, Any], bytes]:
         """POST a JSON body; return the reply, parsed and as sent (it must be a JSON object)."""
@@ -1341,21 +1582,20 @@ class Upstream:
         )
         try:
             response = await self.stream_client.fetch(request, raise_error=False)
+        except EventTooLarge as e:
+            return str(e)
         except ClientLeft:
             return None
         except (OSError, tornado.httpclient.HTTPClientError, tornado.httputil.HTTPInputError) as e:
             return self._describe(e)
         return self._describe(response.error) if response.code == 599 else None
 
-    def _redact(self, text: str) -> str:
-        return redact(text, (self.api_key,))
-
     def _describe(self, error: BaseException | None) -> str:
         """Both clients' transport errors as 'timeout: …' or 'connection failed: …'."""
         text = str(error or "no response").removeprefix("HTTP 599: ")
         if "timeout" in text.lower() or "timed out" in text.lower():
-            return self._redact(f"timeout: {text}")
-        return self._redact(f"connection failed: {text}")
+            return self.redactor.text(f"timeout: {text}")
+        return self.redactor.text(f"connection failed: {text}")
 
     def close(self) -> None:
         self.client.close()
@@ -1585,13 +1825,14 @@ class CallLog:
     def write(self, rec: CallRecord) -> dict[str, Any]:
         line = rec.as_line(self.clock.now(), self.clock.tz)
         day = rec.day or self.clock.today()
-        data = (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        text = json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n"
+        data = text.encode("utf-8", "backslashreplace")
         try:
             fd = self._fds.get(day)
             if fd is None:
-                self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd = self._fds[day] = os.open(
-                    self.path(day), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+                make_private_dir(self.dir)
+                fd = self._fds[day] = open_private(
+                    self.path(day), os.O_WRONLY | os.O_APPEND | os.O_CREAT
                 )
                 for old in sorted(self._fds)[:-2]:  # keep today's and yesterday's open
                     os.close(self._fds.pop(old))
@@ -1761,23 +2002,39 @@ class Metrics:
 # The relay pipeline
 # ---------------------------------------------------------------------------------------------
 
-_ASCII = re.compile(r"[\x00-\x7f]")
+MAX_ESTIMATE_PARTS = 100_000  # values one estimate walks through; past it, the rest is not counted
+MAX_USAGE_TOKENS = 100_000_000  # the largest usage figure taken from an upstream, per field
+
+
+def _ascii_count(text: str) -> int:
+    return len(text.encode("ascii", "ignore"))  # C speed; lone surrogates are simply skipped
 
 
 def estimate_tokens(text: str) -> int:
     """Rough token count: 4 ASCII characters per token, one token per other character."""
-    ascii_chars = len(_ASCII.findall(text))
+    ascii_chars = _ascii_count(text)
     return math.ceil(ascii_chars / 4) + (len(text) - ascii_chars)
 
 
 def _text_of(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return " ".join(_text_of(v) for v in value)
-    if isinstance(value, dict):
-        return " ".join(_text_of(v) for k, v in value.items() if k in ("content", "text"))
-    return ""
+    """The text in a message or content part: strings, lists of parts, objects' content/text.
+
+    An explicit stack and a bounded number of steps, not recursion: any JSON the validators
+    accept (nested thousands deep, millions of parts) is estimated without an error.
+    """
+    parts: list[str] = []
+    stack = [value]
+    steps = MAX_ESTIMATE_PARTS
+    while stack and steps:
+        steps -= 1
+        v = stack.pop()
+        if isinstance(v, str):
+            parts.append(v)
+        elif isinstance(v, list):
+            stack.extend(reversed(v))
+        elif isinstance(v, dict):
+            stack.extend(v[k] for k in ("text", "content") if k in v)
+    return " ".join(parts)
 
 
 def _prompt_text(request: dict[str, Any]) -> str:
@@ -1788,8 +2045,14 @@ def _prompt_text(request: dict[str, Any]) -> str:
     return ""
 
 
+def estimate_request_tokens(request: dict[str, Any]) -> int:
+    """The prompt tokens of a request, estimated; never raises."""
+    return estimate_tokens(_prompt_text(request))
+
+
 def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A usage figure, if it is a whole number in a sane range (bool is not a number here)."""
+    return value if type(value) is int and 0 <= value <= MAX_USAGE_TOKENS else None
 
 
 def _exact_usage(usage: Any) -> Usage | None:
@@ -1810,7 +2073,7 @@ def usage_of(reply: dict[str, Any], request: dict[str, Any]) -> Usage:
     usage = _exact_usage(reply.get("usage"))
     if usage is not None:
         return usage
-    prompt = estimate_tokens(_prompt_text(request))
+    prompt = estimate_request_tokens(request)
     choices = reply.get("choices")
     texts = [
         _text_of(ch.get("message") or ch.get("text"))
@@ -1858,14 +2121,8 @@ class ClientLeft(tornado.httputil.HTTPInputError):
     """
 
 
-class _HideClientLeft(logging.Filter):
-    """Tornado logs an aborted upstream read as a "Malformed HTTP message"; ours is not one."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(isinstance(arg, ClientLeft) for arg in record.args or ())
-
-
-_HIDE_CLIENT_LEFT = _HideClientLeft()
+class EventTooLarge(ClientLeft):
+    """Raised inside the streaming callback when one upstream event outgrows --max-event-size."""
 
 
 class SSERelay:
@@ -1873,13 +2130,24 @@ class SSERelay:
 
     Events are forwarded as they arrive. The usage chunk the gateway asked for is dropped
     unless the client asked for it too. `data: [DONE]` is held back: the caller sends it
-    after the charge is written, so a stream that completes is always a charged one.
+    after the charge is written, so a stream that completes is always a charged one. One
+    event may hold at most `max_event` bytes: a larger one ends the stream (interrupted,
+    charged), so that no single upstream answer can hold memory or the event loop.
     """
 
-    def __init__(self, sink: StreamSink, request: dict[str, Any], strip_usage: bool) -> None:
+    def __init__(
+        self,
+        sink: StreamSink,
+        request: dict[str, Any],
+        strip_usage: bool,
+        redactor: Redactor,
+        max_event: int,
+    ) -> None:
         self.sink = sink
         self.request = request
         self.strip_usage = strip_usage
+        self.redactor = redactor
+        self.max_event = max_event
         self.status = 0
         self.content_type = ""
         self.started = False
@@ -1887,8 +2155,10 @@ class SSERelay:
         self.finished = False  # the upstream sent a finish_reason
         self.usage: Usage | None = None
         self.upstream_id = ""
-        self._buffer = b""
+        self._buffer = bytearray()  # the start of an event not yet complete, CRLF normalized
+        self._cr = False  # the last chunk ended in CR: its LF may open the next one
         self._error_body = bytearray()
+        self.cut = ""  # why the gateway ended the stream itself
         self._ascii = 0
         self._other = 0
 
@@ -1909,14 +2179,28 @@ class SSERelay:
         if not self.started:
             self.started = True
             self.sink.start_stream()
-        # Normalized after joining, so a CRLF split across two chunks is still seen.
-        self._buffer = (self._buffer + chunk).replace(b"\r\n", b"\n")
+        # Only the new piece is normalized and searched, so an event that arrives in many
+        # pieces costs time in proportion to its size, not its size squared.
+        if self._cr:
+            chunk = b"\r" + chunk
+        self._cr = chunk.endswith(b"\r")
+        if self._cr:
+            chunk = chunk[:-1]
+        buffer = self._buffer
+        searched = max(0, len(buffer) - 1)
+        buffer += chunk.replace(b"\r\n", b"\n")
         out = []
-        while (end := self._buffer.find(b"\n\n")) >= 0:
-            event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        begin = 0
+        while (end := buffer.find(b"\n\n", max(begin, searched))) >= 0:
+            event = bytes(buffer[begin:end])
+            begin = end + 2
             if self._inspect(event):
                 out.append(event + b"\n\n")
-        return b"".join(out)
+        del buffer[:begin]
+        if len(buffer) > self.max_event:
+            self.cut = f"an upstream event is larger than {self.max_event} bytes"
+            raise EventTooLarge(self.cut)
+        return self.redactor.data(b"".join(out))
 
     async def on_chunk(self, chunk: bytes) -> None:
         """Streaming callback; Tornado's client awaits it, so a slow client slows the read."""
@@ -1939,7 +2223,7 @@ class SSERelay:
             return False
         try:
             obj = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             return True
         if not isinstance(obj, dict):
             return True
@@ -1954,7 +2238,7 @@ class SSERelay:
                 continue
             delta = choice.get("delta")
             text = _text_of(delta) if isinstance(delta, dict) else _text_of(choice.get("text"))
-            ascii_chars = len(_ASCII.findall(text))
+            ascii_chars = _ascii_count(text)
             self._ascii += ascii_chars
             self._other += len(text) - ascii_chars
             if choice.get("finish_reason"):
@@ -1963,12 +2247,16 @@ class SSERelay:
 
     def partial_usage(self) -> Usage:
         """Prompt plus what was generated so far, estimated."""
-        prompt = estimate_tokens(_prompt_text(self.request))
+        prompt = estimate_request_tokens(self.request)
         completion = math.ceil(self._ascii / 4) + self._other
         return Usage(prompt, completion, prompt + completion, estimated=True)
 
     async def finish(self, error: str | None) -> Answer:
-        """Judge the ended stream; raise UpstreamFailure if nothing reached the client."""
+        """Judge the ended stream; raise UpstreamFailure if nothing reached the client.
+
+        Once the stream has started, this returns an Answer whatever happens: a stream that
+        delivered anything is charged.
+        """
         usage, uid = self.usage or self.partial_usage(), self.upstream_id
         if self.sink.gone:
             return Answer(
@@ -1978,13 +2266,14 @@ class SSERelay:
             if error is not None:
                 raise UpstreamFailure(None, error)
             if not 200 <= self.status < 300:
-                raise UpstreamFailure(self.status, _error_message(bytes(self._error_body)))
+                message = self.redactor.text(_error_message(bytes(self._error_body)))
+                raise UpstreamFailure(self.status, message)
             raise UpstreamFailure(
                 self.status, "upstream did not answer the stream request with an event stream"
             )
-        if error is None and (self.done or self.finished):
+        if error is None and not self.cut and (self.done or self.finished):
             return Answer(None, usage, done=self.done, upstream_id=uid)
-        reason = error or "upstream closed the stream before it was complete"
+        reason = self.cut or error or "upstream closed the stream before it was complete"
         event = {"error": {"message": f"{MSG_UPSTREAM}: {reason}", "type": "upstream_error"}}
         event["error"]["code"] = "stream_interrupted"
         try:
@@ -2022,6 +2311,9 @@ class Relay:
         self.queue = CallQueue(config.queue_size, config.concurrency)
         self.calls = CallLog(config.data_dir, clock)
         self.metrics = Metrics()
+        self.bodies = BodyBudget(config.max_body_memory)
+        self.admin_guesses = GuessThrottle()
+        self.admin_sessions = AdminSessions(config.data_dir, clock.now, ADMIN_SESSION_DAYS * 86400)
         self._history: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
         self.stopping = False
         self.active = 0  # calls between admission and their answer
@@ -2082,11 +2374,17 @@ class Relay:
             raise _store_failed() from None
 
     def record_call(self, rec: CallRecord) -> None:
-        """Put a finished call in the call log and the metrics, once."""
-        if not rec.written:
-            rec.written = True
-            self.calls.write(rec)
+        """Put a finished call in the call log and the metrics, once; never raises (the call
+        is already charged or refused by then, and a log must not change that)."""
+        if rec.written:
+            return
+        rec.written = True
+        try:
+            if rec.user:  # traffic without a valid key leaves no line on disk
+                self.calls.write(rec)
             self.metrics.observe(rec)
+        except Exception:
+            log.exception("call log or metrics failed for a call of %r", rec.user)
 
     async def call(self, user: User, job: Job, rec: CallRecord) -> Outcome:
         """Run one upstream call through limits and queue; the Job knows how to make it."""
@@ -2167,10 +2465,18 @@ class Relay:
         upstream_request = dict(request)
         upstream_request["stream_options"] = {**(options or {}), "include_usage": True}
         body = json.dumps(upstream_request, ensure_ascii=False).encode()
-        relay = SSERelay(sink, request, strip_usage=not wanted)
+        upstream = self.upstream
+        relay = SSERelay(sink, request, not wanted, upstream.redactor, self.config.max_event_size)
 
         async def call() -> Answer:
-            error = await self.upstream.stream(path, body, relay.on_header, relay.on_chunk)
+            try:
+                error = await upstream.stream(path, body, relay.on_header, relay.on_chunk)
+            except Exception:
+                if not relay.started:
+                    raise
+                # Bytes reached the client: whatever broke, the call is charged.
+                log.exception("stream for %s failed after it started", request.get("model"))
+                error = "the gateway could not finish relaying the stream"
             return await relay.finish(error)
 
         return Job(call=call, model=str(request.get("model")))
@@ -2311,7 +2617,31 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise bad_request(f"request body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise bad_request("request body must be a JSON object")
+    # Valid UTF-8 holds no surrogates, but a JSON escape (\\ud800) can: such a string could
+    # not be written to the journal or sent on, so it is refused before admission.
+    if _SURROGATE_ESCAPE.search(text) and _holds_surrogate(doc):
+        raise bad_request("request body holds a lone surrogate escape (\\ud800-\\udfff)")
     return doc
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_surrogate(doc: Any) -> bool:
+    """Whether any string in a parsed JSON document (keys too) holds a lone surrogate."""
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return True
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+    return False
 
 
 def _require_model(doc: dict[str, Any]) -> None:
@@ -2378,23 +2708,137 @@ def _compact(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+SMALL_BODY = 64 * 1024  # the body allowed on routes that are not relays (admin forms, actions)
+
+
+class BodyBudget:
+    """Bytes of request bodies held in memory at once, all requests together.
+
+    A body is counted from the moment it is admitted (its Content-Length, or each chunk as
+    it arrives) until its request has been answered; past --max-body-memory the request is
+    refused with 503, so concurrent uploads cannot take the process's memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+@tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
-    """JSON everywhere: every response, errors included, is the contract's envelope."""
+    """JSON everywhere: every response, errors included, is the contract's envelope.
+
+    Every route reads its own body (stream_request_body), so nothing of a body is read until
+    prepare() has checked the headers, the route and the key: a stranger's upload is never
+    buffered. A body is kept up to the route's `body_limit` (413 past it) and within the
+    process's BodyBudget (503 past it); what a refused request still sends is discarded.
+    """
 
     relay: Relay
     record: CallRecord | None = None  # set by the relay endpoints
+    body_limit = SMALL_BODY
 
     def initialize(self, relay: Relay) -> None:
         self.relay = relay
         self.user: User | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._held = 0  # bytes of the BodyBudget this request holds
+        self._form_read = False
 
+    # prepare() and data_received() return an awaitable only when refusing: no coroutine per
+    # request on the common path.
     def prepare(self) -> Awaitable[None] | None:
         # Tornado reads up to MAX_HEADER_BYTES * 4 of headers (beyond that it drops the
         # connection); between the two, the client gets a clear 431.
         size = sum(len(k) + len(v) for k, v in self.request.headers.get_all())
         if size > MAX_HEADER_BYTES:
             raise GatewayError(431, MSG_HEADERS_TOO_LARGE, {"max_header_bytes": MAX_HEADER_BYTES})
+        self.check_access()
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > 0:
+            if int(length) > self.body_limit:
+                return self._refuse_too_large()
+            if not self.relay.bodies.take(int(length)):
+                raise self._bodies_full()
+            self._held = int(length)
         return None
+
+    def check_access(self) -> None:
+        """The route's own checks from the headers alone (key, admin key); raise to refuse."""
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        if self._finished:
+            return None  # refused already: the rest of the body is read and dropped
+        self._size += len(chunk)
+        if self._size > self.body_limit:
+            self._chunks.clear()
+            return self._refuse_too_large()
+        if self._size > self._held:  # a chunked body is admitted as it arrives
+            if not self.relay.bodies.take(self._size - self._held):
+                self._chunks.clear()
+                return self._refuse(self._bodies_full())
+            self._held = self._size
+        self._chunks.append(chunk)
+        return None
+
+    def _bodies_full(self) -> GatewayError:
+        return GatewayError(
+            503,
+            MSG_QUEUE_FULL,
+            {
+                "error": "the gateway holds as many request bodies as it may "
+                "(--max-body-memory); retry shortly",
+                "max_body_memory": self.relay.bodies.limit,
+            },
+            {"Retry-After": "1"},
+        )
+
+    def _refuse_too_large(self) -> Awaitable[None]:
+        return self._refuse(GatewayError(413, MSG_TOO_LARGE, {"max_body_size": self.body_limit}))
+
+    async def _refuse(self, error: GatewayError) -> None:
+        # Answer, then drop the connection instead of reading a body we will not use.
+        for name, value in error.headers.items():
+            self.set_header(name, value)
+        self.render_error(error.status, error.message, error.data)
+        await self.flush()
+        cast(Any, self.request.connection).stream.close()
+
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def read_form(self) -> None:
+        """Parse a form body into the request's arguments (Tornado does not, for a body it
+        did not read itself)."""
+        if self._form_read:
+            return
+        self._form_read = True
+        req = self.request
+        tornado.httputil.parse_body_arguments(
+            req.headers.get("Content-Type", ""), self.body(), req.body_arguments, req.files
+        )
+        for name, values in req.body_arguments.items():
+            req.arguments.setdefault(name, []).extend(values)
+
+    def _let_body_go(self) -> None:
+        self.relay.bodies.give(self._held)
+        self._held = 0
+
+    def on_finish(self) -> None:
+        self._let_body_go()
+
+    def on_connection_close(self) -> None:
+        self._let_body_go()
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -2442,7 +2886,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
 
 class NotFoundHandler(BaseHandler):
-    def prepare(self) -> None:
+    def check_access(self) -> None:
         raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path[:200]})
 
 
@@ -2456,49 +2900,27 @@ class StatusHandler(BaseHandler):
         self.send_json(envelope(True, "OK", status))
 
 
-@tornado.web.stream_request_body
 class BodyHandler(BaseHandler, StreamSink):
-    """A POST endpoint: reads the body up to --max-body-size (413 as soon as it is over),
-    notices a client that leaves, and can stream Server-Sent Events back."""
+    """A relay endpoint: authenticates from the headers before reading the body, takes a body
+    up to --max-body-size, notices a client that leaves, and can stream Server-Sent Events."""
 
     def initialize(self, relay: Relay) -> None:  # type: ignore[override]
         super().initialize(relay)
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._limit = relay.config.max_body_size
+        self.body_limit = relay.config.max_body_size
         self.job: Job | None = None
         self.gone = False
         self.record = CallRecord(self.request.path)
 
-    async def _refuse_too_large(self) -> None:
-        self.render_error(413, MSG_TOO_LARGE, {"max_body_size": self._limit})
-        # Answer, then drop the connection instead of reading a body we will not use.
-        await self.flush()
-        cast(Any, self.request.connection).stream.close()
+    def api_key(self) -> str | None:
+        """The key this route reads: the contract's X-API-Key header."""
+        return self.request.headers.get("X-API-Key")
 
-    # prepare() and data_received() return an awaitable only when refusing: no coroutine per
-    # request on the common path.
-    def prepare(self) -> Awaitable[None] | None:
-        super().prepare()
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self._limit:
-            return self._refuse_too_large()
-        return None
-
-    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
-        if self._finished:
-            return None
-        self._size += len(chunk)
-        if self._size > self._limit:
-            self._chunks.clear()
-            return self._refuse_too_large()
-        self._chunks.append(chunk)
-        return None
-
-    def body(self) -> bytes:
-        return b"".join(self._chunks)
+    def check_access(self) -> None:
+        self.user = self.relay.authenticate(self.api_key())
+        cast(CallRecord, self.record).user = self.user.name
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         self.gone = True
         if self.job is not None:
             self.job.abandoned = True
@@ -2524,9 +2946,8 @@ class CallHandler(BodyHandler):
 
     async def post(self) -> None:
         relay = self.relay
-        user = self.user = relay.authenticate(self.request.headers.get("X-API-Key"))
+        user = cast(User, self.user)  # authenticated in prepare(), before the body was read
         rec = cast(CallRecord, self.record)
-        rec.user = user.name
         body = self.body()
         request = parse_json_object(body)
         validate_chat(request)
@@ -2577,17 +2998,24 @@ _OPENAI_CODES = {
     MSG_HEADERS_TOO_LARGE: "headers_too_large",
     MSG_INTERNAL: "internal_error",
     MSG_STOPPING: "shutting_down",
+    MSG_TOO_MANY: "too_many_requests",
 }
+
+
+def bearer_token(request: tornado.httputil.HTTPServerRequest) -> str | None:
+    """The token of an `Authorization: Bearer …` header, if there is one."""
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() != "bearer ":
+        return None
+    return auth[7:].strip() or None
 
 
 class OpenAIMixin(BaseHandler):
     """/v1 routes: OpenAI's error shape, Bearer keys and x-ratelimit-* headers."""
 
-    def authenticate(self) -> User:
-        auth = self.request.headers.get("Authorization", "")
-        key = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-        self.user = self.relay.authenticate(key or self.request.headers.get("X-API-Key"))
-        return self.user
+    def api_key(self) -> str | None:
+        """A Bearer token, as OpenAI's SDKs send it, or the contract's X-API-Key header."""
+        return bearer_token(self.request) or self.request.headers.get("X-API-Key")
 
     def set_limit_headers(self, counts: Counts | None = None) -> None:
         user = self.user
@@ -2635,9 +3063,8 @@ class OpenAIRelayHandler(OpenAIMixin, BodyHandler):
 
     async def post(self) -> None:
         relay = self.relay
-        user = self.authenticate()
+        user = cast(User, self.user)  # authenticated in prepare(), before the body was read
         rec = cast(CallRecord, self.record)
-        rec.user = user.name
         body = self.body()
         request = parse_json_object(body)
         stream = rec.stream = self.validate(request)
@@ -2671,24 +3098,30 @@ class OpenAIRelayHandler(OpenAIMixin, BodyHandler):
 class ModelsHandler(OpenAIMixin):
     """GET /v1/models: what the users can call."""
 
+    def check_access(self) -> None:
+        self.user = self.relay.authenticate(self.api_key())
+
     async def get(self) -> None:
-        self.authenticate()
         models = await self.relay.models()
         self.set_limit_headers()
         self.send_json(models)
 
 
 class OpenAINotFoundHandler(OpenAIMixin):
-    def prepare(self) -> None:
+    def check_access(self) -> None:
         raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no route {self.request.path[:200]}"})
 
 
 class DemoModelHandler(BaseHandler):
     """--demo only: a local stand-in for an OpenAI-compatible upstream."""
 
+    def initialize(self, relay: Relay) -> None:
+        super().initialize(relay)
+        self.body_limit = relay.config.max_body_size
+
     async def post(self, endpoint: str) -> None:
         try:
-            request = json.loads(self.request.body)
+            request = json.loads(self.body())
             text = _prompt_text(request)
         except (ValueError, AttributeError):
             self.send_json(
@@ -2777,6 +3210,9 @@ class DemoModelHandler(BaseHandler):
 ADMIN_COOKIE = "gateway_admin"
 ADMIN_SESSION_DAYS = 0.5  # a login lasts 12 hours
 HISTORY_DAYS = 14
+# Failed admin-key checks: per source address and for the whole process, per minute.
+ADMIN_GUESSES_PER_ADDRESS = 5
+ADMIN_GUESSES_TOTAL = 20
 
 
 def admin_cookie_secret(admin_key: str) -> str:
@@ -2786,23 +3222,160 @@ def admin_cookie_secret(admin_key: str) -> str:
     return hmac.new(admin_key.encode(), b"gateway admin cookie", hashlib.sha256).hexdigest()
 
 
+class GuessThrottle:
+    """Bounds failed admin-key checks per source address and overall, whatever the concurrency.
+
+    A token bucket each: `per_address` failures a minute from one address and `total` from
+    all, refilling evenly. While a bucket is empty, a presented key is not even compared (the
+    answer is 429), so the number of keys tried per minute is bounded however many requests
+    arrive at once. A logged-in admin keeps working; the command line always does.
+    """
+
+    MAX_ADDRESSES = 10_000
+
+    def __init__(
+        self,
+        per_address: int = ADMIN_GUESSES_PER_ADDRESS,
+        total: int = ADMIN_GUESSES_TOTAL,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.now = now
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def _level(self, name: str, size: int) -> float:
+        """Tokens in a bucket now (a bucket never seen is full)."""
+        tokens, at = self._buckets.get(name, (float(size), 0.0))
+        return min(float(size), tokens + (self.now() - at) * size / 60.0)
+
+    def retry_after(self, address: str) -> int:
+        """0 if a key from this address may be checked now, else seconds to wait."""
+        wait = 0.0
+        for name, size in (("", self.total), ("@" + address, self.per_address)):
+            missing = 1.0 - self._level(name, size)
+            if missing > 0:
+                wait = max(wait, missing * 60.0 / size)
+        return math.ceil(wait)
+
+    def failed(self, address: str) -> None:
+        now = self.now()
+        for name, size in (("", self.total), ("@" + address, self.per_address)):
+            self._buckets[name] = (self._level(name, size) - 1.0, now)
+            self._buckets.move_to_end(name)
+        while len(self._buckets) > self.MAX_ADDRESSES:
+            self._buckets.popitem(last=False)  # the longest quiet: refilled by now
+
+
+class AdminSessions:
+    """Admin logins that the server can end: logout and expiry are decided here, not by the
+    cookie. data/admin-sessions.json maps the SHA-256 of each session id to its expiry, so
+    the file holds nothing that logs anyone in, and every process on the data dir shares it
+    (re-read when it changes)."""
+
+    def __init__(self, data_dir: str, now: Callable[[], float], lifetime: float) -> None:
+        self.path = Path(data_dir) / "admin-sessions.json"
+        self.now = now
+        self.lifetime = lifetime
+        self._sessions: dict[str, float] = {}
+        self._stamp: tuple[int, int, int] | None = None
+
+    @staticmethod
+    def _digest(sid: str) -> str:
+        return hashlib.sha256(sid.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def _read(self) -> dict[str, float]:
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            self._sessions, self._stamp = {}, None
+            return self._sessions
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self._stamp:
+            try:
+                doc = json.loads(read_private(self.path))
+                self._sessions = {
+                    str(k): float(v) for k, v in doc.items() if isinstance(v, int | float)
+                }
+            except (ValueError, AttributeError, StoreError) as e:
+                log.error(
+                    "admin sessions in %s unreadable (%s): everyone logs in again", self.path, e
+                )
+                self._sessions = {}
+            self._stamp = stamp
+        return self._sessions
+
+    def _change(self, edit: Callable[[dict[str, float]], None]) -> None:
+        with file_lock(self.path.with_name(".admin-sessions.lock")):
+            self._stamp = None
+            sessions = dict(self._read())
+            now = self.now()
+            sessions = {k: t for k, t in sessions.items() if t > now}
+            edit(sessions)
+            atomic_write(self.path, json.dumps(sessions, indent=1).encode())
+            self._stamp = None
+
+    def create(self) -> str:
+        sid = secrets.token_urlsafe(32)
+        expires = self.now() + self.lifetime
+        self._change(lambda sessions: sessions.__setitem__(self._digest(sid), expires))
+        return sid
+
+    def valid(self, sid: str) -> bool:
+        try:
+            expires = self._read().get(self._digest(sid))
+        except OSError:
+            return False
+        return expires is not None and expires > self.now()
+
+    def end(self, sid: str) -> None:
+        digest = self._digest(sid)
+
+        def drop(sessions: dict[str, float]) -> None:
+            sessions.pop(digest, None)
+
+        self._change(drop)
+
+
 class AdminBase(BaseHandler):
     """An admin route: absent (404) without --admin-key; needs the admin's login."""
 
-    def prepare(self) -> Awaitable[None] | None:
-        super().prepare()
+    def check_access(self) -> None:
         if not self.relay.config.admin_key:
             raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path[:200]})
-        return None
 
-    def key_matches(self, key: str | None) -> bool:
-        want = hashlib.sha256(self.relay.config.admin_key.encode()).digest()
+    def check_key(self, key: str | None, surface: str) -> bool:
+        """Compare a presented admin key, within the guess throttle (429 while it is empty)."""
+        relay, address = self.relay, self.request.remote_ip or "?"
+        wait = relay.admin_guesses.retry_after(address)
+        if wait:
+            log.warning(
+                "admin %s from %s refused unchecked: too many wrong keys",
+                surface,
+                address,
+                extra={"stranger": True},
+            )
+            raise GatewayError(
+                429,
+                MSG_TOO_MANY,
+                {"error": "too many wrong admin keys; try again later", "retry_after": wait},
+                {"Retry-After": str(wait)},
+            )
+        want = hashlib.sha256(relay.config.admin_key.encode()).digest()
         got = hashlib.sha256((key or "").encode("utf-8", "surrogateescape")).digest()
-        return hmac.compare_digest(want, got)
+        if hmac.compare_digest(want, got):
+            return True
+        relay.admin_guesses.failed(address)
+        log.warning("admin %s refused from %s: wrong key", surface, address)
+        return False
+
+    def session_id(self) -> str | None:
+        value = self.get_signed_cookie(ADMIN_COOKIE, max_age_days=ADMIN_SESSION_DAYS)
+        return value.decode("ascii", "replace") if value else None
 
     def logged_in(self) -> bool:
-        value = self.get_signed_cookie(ADMIN_COOKIE, max_age_days=ADMIN_SESSION_DAYS)
-        return value == b"admin"
+        sid = self.session_id()
+        return sid is not None and self.relay.admin_sessions.valid(sid)
 
     def require_login(self) -> None:
         if not self.logged_in():
@@ -2813,6 +3386,7 @@ class AdminBase(BaseHandler):
         origin = self.request.headers.get("Origin")
         if origin is not None and urllib.parse.urlsplit(origin).netloc != self.request.host:
             raise GatewayError(403, MSG_FORBIDDEN, {"error": "cross-origin request refused"})
+        self.read_form()  # a form's _xsrf field
         self.check_xsrf_cookie()
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -2849,18 +3423,26 @@ class AdminPageHandler(AdminBase):
 
 
 class AdminLoginHandler(AdminBase):
-    """POST /admin/login (form: key): sets the signed, HttpOnly session cookie."""
+    """POST /admin/login (form: key): a new server-side session in a signed, HttpOnly cookie."""
 
     async def post(self) -> None:
         self.check_origin()
-        if not self.key_matches(self.get_body_argument("key", None)):
-            await asyncio.sleep(0.5)  # slows guessing; the key itself is compared in constant time
-            log.warning("admin login refused from %s", self.request.remote_ip)
+        try:
+            right = self.check_key(self.get_body_argument("key", None), "login")
+        except GatewayError as e:
+            self.set_header("Retry-After", e.headers["Retry-After"])
+            wait = e.headers["Retry-After"]
+            message = f"Too many wrong keys. Try again in {wait} s."
+            self.send_page(LOGIN_PAGE.replace("{{message}}", message), 429)
+            return
+        if not right:
+            await asyncio.sleep(0.5)  # slows a lone guesser; the throttle bounds the rest
             self.send_page(LOGIN_PAGE.replace("{{message}}", "Wrong admin key."), 403)
             return
+        sid = self.relay.admin_sessions.create()
         self.set_signed_cookie(
             ADMIN_COOKIE,
-            "admin",
+            sid,
             expires_days=ADMIN_SESSION_DAYS,
             httponly=True,
             samesite="Strict",
@@ -2871,8 +3453,13 @@ class AdminLoginHandler(AdminBase):
 
 
 class AdminLogoutHandler(AdminBase):
+    """POST /admin/logout: ends the session on the server, then clears the cookie."""
+
     def post(self) -> None:
         self.check_origin()
+        sid = self.session_id()
+        if sid is not None:
+            self.relay.admin_sessions.end(sid)
         self.clear_cookie(ADMIN_COOKIE, path="/")
         self.redirect("/admin", status=303)
 
@@ -2891,12 +3478,25 @@ class AdminStateHandler(AdminBase):
 
 
 class AdminActionHandler(AdminBase):
-    """POST /admin/api/users/NAME/(enable|disable|reset)."""
+    """POST /admin/api/users/(enable|disable|reset) with {"name": …} (the dashboard's form,
+    which works for any name, "." and ".." included), or /admin/api/users/NAME/ACTION."""
 
-    async def post(self, name: str, action: str) -> None:
+    async def post(self, *args: str) -> None:
         self.require_login()
         self.check_origin()
-        relay = self.relay  # `name` arrives URL-decoded
+        if len(args) == 2:
+            name, action = args  # `name` arrives URL-decoded
+        else:
+            action = args[0]
+            try:
+                doc = json.loads(self.body())
+            except (ValueError, RecursionError):
+                doc = None
+            given = doc.get("name") if isinstance(doc, dict) else None
+            if not isinstance(given, str):
+                raise bad_request('the body must be {"name": "<user>"}', "name")
+            name = given
+        relay = self.relay
         if name not in relay.users.by_name:
             raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no user {name!r}"})
         try:
@@ -2924,9 +3524,8 @@ class MetricsHandler(AdminBase):
     """GET /metrics: Prometheus text format; Bearer <admin key> or an admin login."""
 
     def get(self) -> None:
-        auth = self.request.headers.get("Authorization", "")
-        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-        if not (self.key_matches(bearer) if bearer else self.logged_in()):
+        bearer = bearer_token(self.request)
+        if not (self.check_key(bearer, "metrics key") if bearer else self.logged_in()):
             raise GatewayError(
                 401,
                 MSG_BAD_KEY,
@@ -2946,6 +3545,10 @@ class MetricsHandler(AdminBase):
             "gateway_users": ("Users loaded from the users file.", len(relay.users)),
             "gateway_today_requests": ("Requests charged today, all processes.", requests),
             "gateway_today_tokens": ("Tokens charged today, all processes.", tokens),
+            "gateway_body_memory_bytes": (
+                "Request body bytes held now (--max-body-memory bounds it).",
+                relay.bodies.used,
+            ),
         }
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(relay.metrics.render(gauges))
@@ -3092,8 +3695,10 @@ function metric(label, kind, used, limit) {
 }
 async function act(name, action) {
   if (action === "reset" && !confirm("Reset today's counters of " + name + "?")) return;
-  const r = await fetch("/admin/api/users/" + encodeURIComponent(name) + "/" + action,
-    {method: "POST", headers: {"X-XSRFToken": XSRF}, credentials: "same-origin"});
+  // The name goes in the body: a path segment "." or ".." would be resolved away by the URL.
+  const r = await fetch("/admin/api/users/" + action, {method: "POST",
+    headers: {"X-XSRFToken": XSRF, "Content-Type": "application/json"},
+    body: JSON.stringify({name: name}), credentials: "same-origin"});
   const body = await r.json().catch(() => ({}));
   document.getElementById("notice").textContent =
     r.ok ? "" : (body.data && body.data.error) || body.message || ("HTTP " + r.status);
@@ -3230,6 +3835,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         handler.request.path,
         user.name if user else "-",
         1000.0 * handler.request.request_time(),
+        # Refusals of requests without a valid key: their lines are rate-limited (LogGuard).
+        extra={"stranger": user is None and 400 <= status < 500},
     )
 
 
@@ -3261,6 +3868,7 @@ def make_app(relay: Relay) -> tornado.web.Application:
         (r"/admin/login", AdminLoginHandler, deps),
         (r"/admin/logout", AdminLogoutHandler, deps),
         (r"/admin/api/state", AdminStateHandler, deps),
+        (r"/admin/api/users/(enable|disable|reset)", AdminActionHandler, deps),
         (r"/admin/api/users/([^/]+)/(enable|disable|reset)", AdminActionHandler, deps),
     ]
     if relay.config.demo:
@@ -3275,6 +3883,32 @@ def make_app(relay: Relay) -> tornado.web.Application:
         cookie_secret=admin_cookie_secret(relay.config.admin_key),
         xsrf_cookie_kwargs={"httponly": True, "samesite": "Strict"},
     )
+
+
+_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+_JSON_400 = _compact(envelope(False, MSG_BAD_REQUEST, {"error": "malformed HTTP request"}))
+
+
+class _JSONErrorStream(tornado.iostream.IOStream):
+    """A connection whose one non-JSON answer, Tornado's bare 400 for a request it cannot
+    parse (bad chunked encoding, invalid header, bad Content-Length), is sent as JSON."""
+
+    def write(self, data: bytes | memoryview) -> asyncio.Future[None]:
+        if data == _BARE_400:
+            data = (
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=utf-8\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_JSON_400), _JSON_400)
+            )
+        return super().write(data)
+
+
+class HTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's server, with malformed requests answered in JSON (see _JSONErrorStream)."""
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple[Any, ...]) -> None:
+        if type(stream) is tornado.iostream.IOStream:
+            stream.__class__ = _JSONErrorStream  # the same object: only write() differs
+        super().handle_stream(stream, address)
 
 
 class Gateway:
@@ -3294,7 +3928,7 @@ class Gateway:
     async def start(self, sockets: list[Any] | None = None) -> None:
         """Load users, open the store, start workers and listen (on `sockets` if given)."""
         config = self.config
-        tornado.log.gen_log.addFilter(_HIDE_CLIENT_LEFT)  # the same instance: added once
+        LOG_GUARD.install(Redactor(config.secrets()))
         self.users.load()
         await self.store.start()
         if sockets is None:
@@ -3309,7 +3943,7 @@ class Gateway:
             )
         self.relay = Relay(config, self.users, self.store, self.clock)
         self.relay.queue.start()
-        self.server = tornado.httpserver.HTTPServer(
+        self.server = HTTPServer(
             make_app(self.relay),
             xheaders=config.xheaders,
             max_body_size=max(2 * config.max_body_size, 1024 * 1024),
@@ -3337,6 +3971,7 @@ class Gateway:
         self.users.reload_if_changed()
 
     async def _maintain(self) -> None:
+        LOG_GUARD.flush()
         today = self.clock.today()
         try:
             await self.store.maintain(today)
@@ -3472,7 +4107,7 @@ class Admin:
         return edit_users_file(self.users_file, checked)
 
     def add(self, name: str, requests: int | None, tokens: int | None) -> str:
-        if not _NAME_RE.match(name):
+        if not valid_name(name):
             raise ConfigError(f"user name {name!r}: 1-64 printable characters, no quotes")
         key = new_api_key()
         fields = {"api_key_sha256": key_digest(key)}
@@ -3518,7 +4153,7 @@ class Admin:
         day = self.clock.today()
         before = self.counts(day).get(name, Counts())
         try:
-            self.store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dir(self.store.root)
         except OSError as e:
             raise StoreError(f"cannot create {self.store.root}: {e.strerror}") from None
         await self.store.reset(name, day)
@@ -3711,6 +4346,19 @@ def define_options() -> tornado.options.OptionParser:
         int,
         "delete counters and call logs of days older than this many days; 0: keep everything",
     )
+    p.define(
+        "max-body-memory",
+        d.max_body_memory,
+        int,
+        "bytes of request bodies held at once, all requests together (else 503)",
+    )
+    p.define(
+        "max-event-size",
+        d.max_event_size,
+        int,
+        "largest single upstream stream event in bytes; a larger one ends the stream "
+        "(stream_interrupted, charged)",
+    )
     tornado.log.define_logging_options(p)
     return p
 
@@ -3746,6 +4394,10 @@ def parse_config(argv: list[str], env: dict[str, str]) -> Config:
         raise ConfigError("--retention-days must be >= 0 (0 keeps everything)")
     if config.queue_size < 0 or config.max_body_size < 1:
         raise ConfigError("--queue-size must be >= 0 and --max-body-size >= 1")
+    if config.max_body_memory < config.max_body_size:
+        raise ConfigError("--max-body-memory must be at least --max-body-size")
+    if config.max_event_size < 1024:
+        raise ConfigError("--max-event-size must be at least 1024 bytes")
     config.tz()
     return config
 

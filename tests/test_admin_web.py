@@ -183,7 +183,8 @@ async def test_dashboard_in_headless_chromium(env: Env, tmp_path: Path) -> None:
     client = await env.start(admin_key=ADMIN_KEY)
     for _ in range(5):
         assert (await client.call())[0] == 200
-    assert (await client.call(key=BOB_KEY))[0] == 401
+    assert (await client.call(key=BOB_KEY))[0] == 401  # no key, no line: not in the list
+    assert (await client.call({"model": "gpt-3.5-turbo"}))[0] == 400  # alice's bad request
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as p:
         browser = await p.chromium.launch(
@@ -226,7 +227,8 @@ async def test_dashboard_in_headless_chromium(env: Env, tmp_path: Path) -> None:
 
             # The failed call is listed with its status and reason.
             failures = await page.locator("#failures").inner_text()
-            assert "401" in failures and "invalid_api_key" in failures
+            assert "400" in failures and "invalid_request" in failures
+            assert "401" not in failures
             await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
             # An action from the page: disable alice.

@@ -65,8 +65,9 @@ async def test_mixed_calls_at_once_log_one_line_each_and_match_the_counters(env:
     assert sorted(codes) == sorted([200] * 50 + [429] * 40 + [401] * 10 + [400] * 5)
 
     lines = call_lines(env)
-    assert len(lines) == len(calls)
-    assert sorted(x["status"] for x in lines) == sorted(codes)
+    # Requests that never authenticated (no key, a disabled key) leave no line on disk.
+    assert len(lines) == len(calls) - 10
+    assert sorted(x["status"] for x in lines) == sorted(c for c in codes if c != 401)
     charged = [x for x in lines if x["status"] == 200]
     requests, tokens = env.gateways[0].store.totals(env.gateways[0].clock.today())
     logged = (len(charged), sum(x["total_tokens"] for x in charged))
@@ -81,8 +82,8 @@ async def test_mixed_calls_at_once_log_one_line_each_and_match_the_counters(env:
     assert all(x["stream"] == (x["model"] == "m-stream") for x in charged)
 
     reasons = sorted({x["error"].split(":")[0] for x in lines if x["status"] != 200})
-    assert reasons == ["daily_request_limit_exceeded", "invalid_api_key", "invalid_request"]
-    assert {x["user"] for x in lines if x["status"] == 401} == {None}  # no name for a bad key
+    assert reasons == ["daily_request_limit_exceeded", "invalid_request"]
+    assert all(x["user"] for x in lines)
     assert {x["id"] for x in lines if x["status"] == 429} == {None}  # never admitted
 
     one = next(x for x in charged if x["model"] == "m-json")

@@ -212,7 +212,8 @@ async def test_413_chunked_body_over_limit(env: Env) -> None:
     sock.settimeout(5)
     chunk = b"x" * 600
     sock.sendall(
-        b"POST /api/call.php HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /api/call.php HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        + f"X-API-Key: {ALICE_KEY}\r\n\r\n".encode()
         + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 2
     )
     answer = await asyncio.get_running_loop().run_in_executor(None, sock.recv, 4096)

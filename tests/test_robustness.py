@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import Env
+from conftest import ALICE_KEY, Env
 
 VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -16,7 +16,10 @@ async def test_slow_headers_and_slow_bodies_are_cut_off(env: Env) -> None:
     slow_header = await asyncio.open_connection("127.0.0.1", port)
     slow_header[1].write(b"POST /api/call.php HTTP/1.1\r\nHost: x\r\n")  # never finishes
     slow_body = await asyncio.open_connection("127.0.0.1", port)
-    slow_body[1].write(b"POST /api/call.php HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    slow_body[1].write(
+        b"POST /api/call.php HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+        + f"X-API-Key: {ALICE_KEY}\r\n\r\n{{".encode()  # a valid key: the body is awaited
+    )
     # others are served meanwhile
     for _ in range(5):
         assert (await client.call(VALID))[0] == 200
