@@ -2740,7 +2740,8 @@ class BaseHandler(tornado.web.RequestHandler):
     Every route reads its own body (stream_request_body), so nothing of a body is read until
     prepare() has checked the headers, the route and the key: a stranger's upload is never
     buffered. A body is kept up to the route's `body_limit` (413 past it) and within the
-    process's BodyBudget (503 past it); what a refused request still sends is discarded.
+    process's BodyBudget (503 past it). A request answered before its body was read has its
+    connection closed once the answer is sent (Tornado does so), so the body is never taken in.
     """
 
     relay: Relay
@@ -2755,9 +2756,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self._held = 0  # bytes of the BodyBudget this request holds
         self._form_read = False
 
-    # prepare() and data_received() return an awaitable only when refusing: no coroutine per
-    # request on the common path.
-    def prepare(self) -> Awaitable[None] | None:
+    def prepare(self) -> None:
         # Tornado reads up to MAX_HEADER_BYTES * 4 of headers (beyond that it drops the
         # connection); between the two, the client gets a clear 431.
         size = sum(len(k) + len(v) for k, v in self.request.headers.get_all())
@@ -2767,29 +2766,29 @@ class BaseHandler(tornado.web.RequestHandler):
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > 0:
             if int(length) > self.body_limit:
-                return self._refuse_too_large()
+                raise self._too_large()
             if not self.relay.bodies.take(int(length)):
                 raise self._bodies_full()
             self._held = int(length)
-        return None
 
     def check_access(self) -> None:
         """The route's own checks from the headers alone (key, admin key); raise to refuse."""
 
-    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+    def data_received(self, chunk: bytes) -> None:
         if self._finished:
-            return None  # refused already: the rest of the body is read and dropped
+            return  # answered already; Tornado closes the connection after the answer
         self._size += len(chunk)
         if self._size > self.body_limit:
             self._chunks.clear()
-            return self._refuse_too_large()
-        if self._size > self._held:  # a chunked body is admitted as it arrives
-            if not self.relay.bodies.take(self._size - self._held):
-                self._chunks.clear()
-                return self._refuse(self._bodies_full())
+            self._refuse(self._too_large())
+        elif self._size <= self._held:
+            self._chunks.append(chunk)
+        elif self.relay.bodies.take(self._size - self._held):  # chunked: admitted as it comes
             self._held = self._size
-        self._chunks.append(chunk)
-        return None
+            self._chunks.append(chunk)
+        else:
+            self._chunks.clear()
+            self._refuse(self._bodies_full())
 
     def _bodies_full(self) -> GatewayError:
         return GatewayError(
@@ -2803,16 +2802,15 @@ class BaseHandler(tornado.web.RequestHandler):
             {"Retry-After": "1"},
         )
 
-    def _refuse_too_large(self) -> Awaitable[None]:
-        return self._refuse(GatewayError(413, MSG_TOO_LARGE, {"max_body_size": self.body_limit}))
+    def _too_large(self) -> GatewayError:
+        return GatewayError(413, MSG_TOO_LARGE, {"max_body_size": self.body_limit})
 
-    async def _refuse(self, error: GatewayError) -> None:
-        # Answer, then drop the connection instead of reading a body we will not use.
+    def _refuse(self, error: GatewayError) -> None:
+        """Answer in the middle of the body. Tornado closes the connection once the answer
+        is sent, since the rest of the body was not read: none of it is taken in."""
         for name, value in error.headers.items():
             self.set_header(name, value)
         self.render_error(error.status, error.message, error.data)
-        await self.flush()
-        cast(Any, self.request.connection).stream.close()
 
     def body(self) -> bytes:
         return b"".join(self._chunks)
@@ -3297,7 +3295,7 @@ class AdminSessions:
                 self._sessions = {
                     str(k): float(v) for k, v in doc.items() if isinstance(v, int | float)
                 }
-            except (ValueError, AttributeError, StoreError) as e:
+            except (ValueError, AttributeError, OSError) as e:
                 log.error(
                     "admin sessions in %s unreadable (%s): everyone logs in again", self.path, e
                 )
@@ -3306,14 +3304,17 @@ class AdminSessions:
         return self._sessions
 
     def _change(self, edit: Callable[[dict[str, float]], None]) -> None:
-        with file_lock(self.path.with_name(".admin-sessions.lock")):
-            self._stamp = None
-            sessions = dict(self._read())
-            now = self.now()
-            sessions = {k: t for k, t in sessions.items() if t > now}
-            edit(sessions)
-            atomic_write(self.path, json.dumps(sessions, indent=1).encode())
-            self._stamp = None
+        try:
+            lock = file_lock(self.path.with_name(".admin-sessions.lock"))
+            with lock.acquire(timeout=5):
+                self._stamp = None
+                now = self.now()
+                sessions = {k: t for k, t in self._read().items() if t > now}
+                edit(sessions)
+                atomic_write(self.path, json.dumps(sessions, indent=1).encode())
+                self._stamp = None
+        except (OSError, filelock.Timeout) as e:
+            raise StoreError(f"cannot update {self.path}: {e}") from None
 
     def create(self) -> str:
         sid = secrets.token_urlsafe(32)
@@ -3439,7 +3440,11 @@ class AdminLoginHandler(AdminBase):
             await asyncio.sleep(0.5)  # slows a lone guesser; the throttle bounds the rest
             self.send_page(LOGIN_PAGE.replace("{{message}}", "Wrong admin key."), 403)
             return
-        sid = self.relay.admin_sessions.create()
+        try:
+            sid = self.relay.admin_sessions.create()
+        except StoreError as e:
+            log.error("admin login: %s", e)
+            raise _store_failed() from None
         self.set_signed_cookie(
             ADMIN_COOKIE,
             sid,
@@ -3459,7 +3464,11 @@ class AdminLogoutHandler(AdminBase):
         self.check_origin()
         sid = self.session_id()
         if sid is not None:
-            self.relay.admin_sessions.end(sid)
+            try:
+                self.relay.admin_sessions.end(sid)
+            except StoreError as e:
+                log.error("admin logout: %s", e)
+                raise _store_failed() from None
         self.clear_cookie(ADMIN_COOKIE, path="/")
         self.redirect("/admin", status=303)
 
@@ -3946,7 +3955,9 @@ class Gateway:
         self.server = HTTPServer(
             make_app(self.relay),
             xheaders=config.xheaders,
-            max_body_size=max(2 * config.max_body_size, 1024 * 1024),
+            # Each route bounds its own body (BaseHandler) and answers in JSON; Tornado's own
+            # limit would answer a bare 400 first.
+            max_body_size=1 << 62,
             max_header_size=4 * MAX_HEADER_BYTES,
             idle_connection_timeout=config.idle_timeout,
             body_timeout=config.body_timeout,
