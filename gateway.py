@@ -2192,6 +2192,8 @@ class SSERelay:
         out = []
         begin = 0
         while (end := buffer.find(b"\n\n", max(begin, searched))) >= 0:
+            if end - begin > self.max_event:
+                break
             event = bytes(buffer[begin:end])
             begin = end + 2
             if self._inspect(event):
@@ -2199,7 +2201,7 @@ class SSERelay:
         del buffer[:begin]
         if len(buffer) > self.max_event:
             self.cut = f"an upstream event is larger than {self.max_event} bytes"
-            raise EventTooLarge(self.cut)
+            buffer.clear()
         return self.redactor.data(b"".join(out))
 
     async def on_chunk(self, chunk: bytes) -> None:
@@ -2207,6 +2209,8 @@ class SSERelay:
         data = self.feed(chunk)
         if data:
             await self.sink.send(data)
+        if self.cut:
+            raise EventTooLarge(self.cut)  # the events before it were sent first
 
     def _inspect(self, event: bytes) -> bool:
         """Note what an event says; return whether to forward it now."""
