@@ -64,7 +64,7 @@ MSG_BAD_REQUEST = "请求参数错误"
 MSG_BAD_KEY = "API Key无效或缺失"
 MSG_REQUEST_LIMIT = "每日请求次数已达上限"
 MSG_TOKEN_LIMIT = "每日Token用量已达上限"  # noqa: S105 - a message, not a secret
-MSG_CONFIG = "系统配置错误"
+MSG_SERVER_ERROR = "系统配置错误"  # the contract's one 500 message: configuration and store faults
 MSG_UPSTREAM = "大模型API调用失败"
 MSG_QUEUE_FULL = "队列已满"
 # Ours, for cases the contract does not name.
@@ -131,9 +131,10 @@ class StoreError(Exception):
 class QuotaExceeded(Exception):
     """A reservation was refused: `reason` is "requests", "tokens" or "corrupt"."""
 
-    def __init__(self, reason: str, counts: Counts) -> None:
+    def __init__(self, reason: str, user: User, counts: Counts) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.user = user
         self.counts = counts
 
 
@@ -144,10 +145,6 @@ class UpstreamFailure(Exception):
         super().__init__(error)
         self.status = status
         self.error = error
-
-
-class ClientGone(Exception):
-    """The client disconnected while its call was still waiting in the queue."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,6 +829,16 @@ class Counts:
         return Counts(self.requests, self.tokens, self.reserved)
 
 
+def remaining(user: User, counts: Counts) -> tuple[int, int]:
+    """What a user has left today, the one rule for every answer, header and command:
+    requests = limit - charged - in flight (a call in flight holds its slot until it is
+    settled or released); tokens = limit - charged tokens. Never below zero."""
+    return (
+        max(0, user.daily_request_limit - counts.requests - counts.reserved),
+        max(0, user.daily_token_limit - counts.tokens),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int
@@ -848,6 +855,15 @@ class Usage:
         if self.estimated:
             out["estimated"] = True
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class CallFacts:
+    """What is recorded with a charge besides its usage."""
+
+    model: str
+    latency_ms: int
+    partial: bool = False  # a stream cut short, charged for what it delivered
 
 
 @dataclass(frozen=True, slots=True)
@@ -871,7 +887,7 @@ class UsageStore(abc.ABC):
         """Take one request slot, or raise QuotaExceeded."""
 
     @abc.abstractmethod
-    async def settle(self, res: Reservation, usage: Usage, info: dict[str, Any]) -> Counts:
+    async def settle(self, res: Reservation, usage: Usage, call: CallFacts) -> Counts:
         """Charge a finished call durably; return the user's counts after it."""
 
     @abc.abstractmethod
@@ -896,6 +912,31 @@ class UsageStore(abc.ABC):
     async def maintain(self, today: str) -> None:
         """Periodic housekeeping: free slots of dead processes, write snapshots."""
 
+
+# The journal's record format: one flat JSON object per line, short keys to keep lines small.
+# Keys (a record holds those of its kind):
+F_USER = "u"  # the user's name; written first, so a damaged line can still be attributed
+F_KIND = "k"  # one of the KIND_* below
+F_ID = "id"  # a reservation's id: "<owner>-<sequence>"
+F_OWNER = "o"  # the process that made the reservation (its lock: owners/<owner>.lock)
+# The user's daily limits when reserving: whether a reservation is granted is decided from
+# these and the records before it, so every process reaches the same verdict.
+F_REQUEST_LIMIT = "rl"
+F_TOKEN_LIMIT = "tl"  # noqa: S105 - a record key, not a secret
+F_TIME = "t"  # when, in milliseconds since the epoch
+F_TOKENS = "n"  # tokens charged: prompt + completion
+F_PROMPT = "p"
+F_COMPLETION = "c"
+F_ESTIMATED = "e"  # 1: the tokens are an estimate (the upstream sent no usable usage)
+F_MODEL = "m"  # the model the client asked for
+F_LATENCY = "ms"  # admission to answer, in milliseconds
+F_PARTIAL = "partial"  # 1: a stream cut short (client left, upstream broke), charged so far
+# Kinds:
+KIND_RESERVE = "r"  # u id o rl tl t: take a slot (granted unless the user is at a limit)
+KIND_SETTLE = "s"  # u id n p c t [e m ms partial]: charge the call; its slot closes
+KIND_RELEASE = "x"  # u id: give the slot back (the call failed and costs nothing)
+KIND_DEAD = "d"  # o: that process is gone; free every slot it still holds
+KIND_RESET = "z"  # u t: an administrator's reset of the user's counters for the day
 
 _USER_PREFIX = re.compile(rb'^\{"u":("(?:[^"\\]|\\.)*")')
 _PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f]*')
@@ -1088,10 +1129,10 @@ class _Ledger:
             )
 
     def _apply(self, rec: dict[str, Any]) -> None:
-        kind = rec["k"]
-        if kind == "r":
-            user, rid, owner = rec["u"], rec["id"], rec["o"]
-            rl, tl = int(rec["rl"]), int(rec["tl"])
+        kind = rec[F_KIND]
+        if kind == KIND_RESERVE:
+            user, rid, owner = rec[F_USER], rec[F_ID], rec[F_OWNER]
+            rl, tl = int(rec[F_REQUEST_LIMIT]), int(rec[F_TOKEN_LIMIT])
             c = self.counter(user)
             reason: str | None = None
             if self.tainted_all or user in self.tainted:
@@ -1105,31 +1146,31 @@ class _Ledger:
                 self.open[rid] = (user, owner)
             if owner == self.store.owner:
                 self.decisions[rid] = reason
-        elif kind == "s":
-            user, n = rec["u"], int(rec["n"])
+        elif kind == KIND_SETTLE:
+            user, n = rec[F_USER], int(rec[F_TOKENS])
             if n < 0:
                 raise ValueError("negative tokens")
             c = self.counter(user)
-            if self.open.pop(rec["id"], None) is not None:
+            if self.open.pop(rec[F_ID], None) is not None:
                 c.reserved -= 1
             # A settle is charged even if its slot was already freed: the call was answered.
             c.requests += 1
             c.tokens += n
             self.requests += 1
             self.tokens += n
-        elif kind == "x":
-            entry = self.open.pop(rec["id"], None)
+        elif kind == KIND_RELEASE:
+            entry = self.open.pop(rec[F_ID], None)
             if entry is not None:
                 self.counter(entry[0]).reserved -= 1
-        elif kind == "d":
-            owner = rec["o"]
+        elif kind == KIND_DEAD:
+            owner = rec[F_OWNER]
             for rid in [rid for rid, (_, o) in self.open.items() if o == owner]:
                 self.counter(self.open.pop(rid)[0]).reserved -= 1
-        elif kind == "z":
+        elif kind == KIND_RESET:
             # An administrator's reset: the day starts over for this user's limits. Calls in
             # flight keep their slots and are charged when they finish.
-            c = self.counter(rec["u"])
-            f = self.forgiven.setdefault(rec["u"], [0, 0])
+            c = self.counter(rec[F_USER])
+            f = self.forgiven.setdefault(rec[F_USER], [0, 0])
             f[0] += c.requests
             f[1] += c.tokens
             c.requests = c.tokens = 0
@@ -1310,6 +1351,18 @@ class JournalStore(UsageStore):
     Several processes may share one data dir on a local file system. Each holds a file lock on
     data/owners/<id>.lock for its lifetime; when a process dies (even by kill -9) the kernel
     drops its lock, and the survivors free the slots it had reserved.
+
+    A journal line is one record (keys: the F_* constants above):
+
+        kind  meaning                         fields
+        r     reserve a slot                  u id o rl tl t
+        s     settle: charge the call         u id n p c t, and e m ms partial
+        x     release: the call failed        u id
+        d     a process died: free its slots  o
+        z     an administrator's reset        u t
+
+    e.g. {"u":"alice","k":"s","id":"9f2c41d07a3e-118","n":99,"p":12,"c":87,"t":1764137587412,
+    "m":"gpt-4o-mini","ms":1840}
     """
 
     def __init__(self, root: str, clock: DayClock, fsync: bool = False) -> None:
@@ -1363,47 +1416,49 @@ class JournalStore(UsageStore):
         if c.requests >= user.daily_request_limit or c.tokens >= user.daily_token_limit:
             ledger.catch_up()  # an administrator's reset may have been written since
         if ledger.tainted_all or user.name in ledger.tainted:
-            raise QuotaExceeded("corrupt", c.copy())
+            raise QuotaExceeded("corrupt", user, c.copy())
         if c.requests >= user.daily_request_limit:
-            raise QuotaExceeded("requests", c.copy())
+            raise QuotaExceeded("requests", user, c.copy())
         if c.tokens >= user.daily_token_limit:
-            raise QuotaExceeded("tokens", c.copy())
+            raise QuotaExceeded("tokens", user, c.copy())
         self._seq += 1
         rid = f"{self.owner}-{self._seq}"
         rec = {
-            "u": user.name,
-            "k": "r",
-            "id": rid,
-            "o": self.owner,
-            "rl": user.daily_request_limit,
-            "tl": user.daily_token_limit,
-            "t": int(self.clock.now() * 1000),
+            F_USER: user.name,
+            F_KIND: KIND_RESERVE,
+            F_ID: rid,
+            F_OWNER: self.owner,
+            F_REQUEST_LIMIT: user.daily_request_limit,
+            F_TOKEN_LIMIT: user.daily_token_limit,
+            F_TIME: int(self.clock.now() * 1000),
         }
         end = ledger.append(rec)
         try:
             ledger.catch_up(until=end)
         except StoreError:
-            ledger.append({"u": user.name, "k": "x", "id": rid})  # the slot may have been granted
+            ledger.append({F_USER: user.name, F_KIND: KIND_RELEASE, F_ID: rid})  # may be granted
             raise
         reason = ledger.decisions.pop(rid)
         if reason is not None:
-            raise QuotaExceeded(reason, c.copy())
+            raise QuotaExceeded(reason, user, c.copy())
         return Reservation(rid, user.name, day)
 
-    async def settle(self, res: Reservation, usage: Usage, info: dict[str, Any]) -> Counts:
+    async def settle(self, res: Reservation, usage: Usage, call: CallFacts) -> Counts:
         ledger = self._ledger(res.day)
         rec: dict[str, Any] = {
-            "u": res.user,
-            "k": "s",
-            "id": res.id,
-            "n": usage.total_tokens,
-            "p": usage.prompt_tokens,
-            "c": usage.completion_tokens,
-            "t": int(self.clock.now() * 1000),
+            F_USER: res.user,
+            F_KIND: KIND_SETTLE,
+            F_ID: res.id,
+            F_TOKENS: usage.total_tokens,
+            F_PROMPT: usage.prompt_tokens,
+            F_COMPLETION: usage.completion_tokens,
+            F_TIME: int(self.clock.now() * 1000),
         }
         if usage.estimated:
-            rec["e"] = 1
-        rec.update(info)
+            rec[F_ESTIMATED] = 1
+        rec[F_MODEL], rec[F_LATENCY] = call.model, call.latency_ms
+        if call.partial:
+            rec[F_PARTIAL] = 1
         end = ledger.append(rec)
         if self.fsync:
             await ledger.sync()
@@ -1412,11 +1467,13 @@ class JournalStore(UsageStore):
 
     async def release(self, res: Reservation) -> None:
         ledger = self._ledger(res.day)
-        ledger.append({"u": res.user, "k": "x", "id": res.id})
+        ledger.append({F_USER: res.user, F_KIND: KIND_RELEASE, F_ID: res.id})
 
     async def reset(self, user: str, day: str) -> None:
         ledger = self._ledger(day)
-        end = ledger.append({"u": user, "k": "z", "t": int(self.clock.now() * 1000)})
+        end = ledger.append(
+            {F_USER: user, F_KIND: KIND_RESET, F_TIME: int(self.clock.now() * 1000)}
+        )
         await ledger.sync()
         ledger.catch_up(until=end)
 
@@ -1463,7 +1520,7 @@ class JournalStore(UsageStore):
             for owner in {o for _, o in ledger.open.values()}:
                 if not self._owner_alive(owner):
                     log.warning("process %s is gone; freeing its reserved slots for %s", owner, day)
-                    ledger.append({"k": "d", "o": owner})
+                    ledger.append({F_KIND: KIND_DEAD, F_OWNER: owner})
             ledger.catch_up()
             await ledger.write_snapshot()
             ours = any(o == self.owner for _, o in ledger.open.values())
@@ -1673,14 +1730,14 @@ class Answer:
 
 @dataclass(eq=False)
 class Job:
-    """One upstream call waiting for a worker; `abandoned` is set when the client leaves."""
+    """One upstream call waiting for a worker; `client_left` is set when the client leaves."""
 
     call: Callable[[], Awaitable[Answer]]
     model: str = ""
     future: asyncio.Future[Answer] = dataclasses.field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    abandoned: bool = False
+    client_left: bool = False
     queued_at: float = dataclasses.field(default_factory=time.monotonic)
     started_at: float = 0.0
 
@@ -1730,8 +1787,8 @@ class CallQueue:
                 if job is None:
                     return
                 self.waiting -= 1
-                if job.abandoned:
-                    job.future.set_exception(ClientGone())
+                if job.client_left:
+                    job.future.set_exception(ClientLeft("the client left while its call waited"))
                     continue
                 self.processing += 1
                 job.started_at = time.monotonic()
@@ -2085,16 +2142,18 @@ def usage_of(reply: dict[str, Any], request: dict[str, Any]) -> Usage:
 
 
 def daily_limits(user: User, counts: Counts) -> dict[str, Any]:
+    """The contract's `daily_limits`: charged (`used`), limit and `remaining` (see remaining)."""
+    requests_left, tokens_left = remaining(user, counts)
     return {
         "requests": {
             "used": counts.requests,
             "limit": user.daily_request_limit,
-            "remaining": max(0, user.daily_request_limit - counts.requests),
+            "remaining": requests_left,
         },
         "tokens": {
             "used": counts.tokens,
             "limit": user.daily_token_limit,
-            "remaining": max(0, user.daily_token_limit - counts.tokens),
+            "remaining": tokens_left,
         },
     }
 
@@ -2102,7 +2161,7 @@ def daily_limits(user: User, counts: Counts) -> dict[str, Any]:
 class StreamSink(abc.ABC):
     """Where a relayed stream goes: the client's connection."""
 
-    gone: bool
+    left: bool  # the client closed its connection
 
     @abc.abstractmethod
     def start_stream(self) -> None:
@@ -2170,7 +2229,7 @@ class SSERelay:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take a piece of the upstream's body; return the complete events to forward."""
-        if self.sink.gone:
+        if self.sink.left:
             raise ClientLeft("client disconnected; upstream call cancelled")
         if not (200 <= self.status < 300 and self.content_type.startswith("text/event-stream")):
             if len(self._error_body) < 65536:
@@ -2262,7 +2321,7 @@ class SSERelay:
         delivered anything is charged.
         """
         usage, uid = self.usage or self.partial_usage(), self.upstream_id
-        if self.sink.gone:
+        if self.sink.left:
             return Answer(
                 None, usage, complete=False, upstream_id=uid, interrupted="client_closed_request"
             )
@@ -2293,6 +2352,17 @@ class SSERelay:
             upstream_id=uid,
             interrupted=f"stream_interrupted: {reason}",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """Live figures of this process and today's totals of every process on the data dir."""
+
+    status: str  # "running" or "stopping"
+    queue_length: int  # calls waiting for a worker
+    processing: int  # upstream calls running
+    today_requests: int
+    today_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -2333,12 +2403,14 @@ class Relay:
             raise GatewayError(401, MSG_BAD_KEY, {"error": "unknown or disabled API key"})
         return user
 
-    def _admissible(self) -> None:
+    def check_accepting(self) -> None:
+        """Raise the answer for a call the gateway cannot take now (stopping, no upstream key,
+        queue full); return if it can."""
         if self.stopping:
             raise GatewayError(503, MSG_STOPPING, {"error": "the gateway is shutting down"})
         if not self.upstream.configured:
             raise GatewayError(
-                500, MSG_CONFIG, {"error": "no upstream API key is configured on the gateway"}
+                500, MSG_SERVER_ERROR, {"error": "no upstream API key is configured on the gateway"}
             )
         if self.queue.full():
             raise self._queue_full()
@@ -2350,32 +2422,6 @@ class Relay:
             {"queue_length": len(self.queue), "queue_size": self.config.queue_size},
             {"Retry-After": "1"},
         )
-
-    async def _reserve(self, user: User, day: str) -> Reservation:
-        try:
-            return await self.store.reserve(user, day)
-        except QuotaExceeded as e:
-            if e.reason == "corrupt":
-                raise GatewayError(
-                    500,
-                    MSG_CONFIG,
-                    {"error": "this user's usage records are unreadable; see the gateway log"},
-                ) from None
-            c = e.counts
-            raise GatewayError(
-                429,
-                MSG_REQUEST_LIMIT if e.reason == "requests" else MSG_TOKEN_LIMIT,
-                {
-                    "daily_request_count": c.requests + c.reserved,
-                    "daily_request_limit": user.daily_request_limit,
-                    "daily_token_count": c.tokens,
-                    "daily_token_limit": user.daily_token_limit,
-                },
-                {"Retry-After": str(self.clock.seconds_to_midnight())},
-            ) from None
-        except StoreError as e:
-            log.error("usage store: %s", e)
-            raise _store_failed() from None
 
     def record_call(self, rec: CallRecord) -> None:
         """Put a finished call in the call log and the metrics, once; never raises (the call
@@ -2391,42 +2437,44 @@ class Relay:
             log.exception("call log or metrics failed for a call of %r", rec.user)
 
     async def call(self, user: User, job: Job, rec: CallRecord) -> Outcome:
-        """Run one upstream call through limits and queue; the Job knows how to make it."""
-        self._admissible()
+        """The relay pipeline, once the key is authenticated and the request validated:
+        admit → relay → settle or release. Failures are raised (QuotaExceeded, UpstreamFailure,
+        StoreError, GatewayError, ClientLeft) and turned into answers by the handler.
+
+        Hook points: per-user policy refuses a call where it is admitted (before the store's
+        reservation); routing picks an upstream inside the Job's `call`, run by a worker.
+        """
+        # Admit: the gateway can take a call, and the user has a slot (reserved now).
+        self.check_accepting()
         day = self.clock.today()  # settled against the day it was admitted on
-        res = await self._reserve(user, day)
+        res: Reservation | None = await self.store.reserve(user, day)
+        assert res is not None
         rec.call_id, rec.day = res.id, day
         self.active += 1
         self.idle.clear()
         try:
+            # Relay: a worker makes the upstream call when one is free.
             try:
                 self.queue.submit(job)
             except tornado.queues.QueueFull:
                 raise self._queue_full() from None
             try:
-                try:
-                    answer = await job.future
-                finally:
-                    if job.started_at:
-                        rec.queue_ms = round((job.started_at - job.queued_at) * 1000)
-                        rec.upstream_ms = round((time.monotonic() - job.started_at) * 1000)
-            except UpstreamFailure as e:
-                log.warning("upstream call for %s failed: %s %s", user.name, e.status, e.error)
-                raise GatewayError(
-                    502, MSG_UPSTREAM, {"upstream_status": e.status, "error": e.error}
-                ) from None
-            info: dict[str, Any] = {
-                "m": job.model[:100],
-                "ms": round((time.monotonic() - job.queued_at) * 1000),
-            }
-            if not answer.complete:
-                info["partial"] = 1
+                answer = await job.future
+            finally:
+                if job.started_at:
+                    rec.queue_ms = round((job.started_at - job.queued_at) * 1000)
+                    rec.upstream_ms = round((time.monotonic() - job.started_at) * 1000)
+            # Settle: charge what the call used (a failure above released the slot instead).
+            facts = CallFacts(
+                model=job.model[:100],
+                latency_ms=round((time.monotonic() - job.queued_at) * 1000),
+                partial=not answer.complete,
+            )
             try:
-                counts = await self.store.settle(res, answer.usage, info)
+                counts = await self.store.settle(res, answer.usage, facts)
             except StoreError as e:
-                log.error("usage store: %s (call for %s not charged)", e, user.name)
-                raise _store_failed() from None
-            res = None  # type: ignore[assignment]
+                raise StoreError(f"{e} (the call of {user.name!r} was not charged)") from None
+            res = None
             # Logged now, not when the response ends: a crash after the charge loses nothing.
             rec.usage, rec.partial, rec.upstream_id = (
                 answer.usage,
@@ -2501,19 +2549,17 @@ class Relay:
         try:
             models = await self.upstream.get_json("/models")
         except UpstreamFailure as e:
-            if self._models is not None:
-                log.warning("model list from upstream failed (%s); serving the cached one", e)
-                return self._models[1]
-            raise GatewayError(
-                502, MSG_UPSTREAM, {"upstream_status": e.status, "error": e.error}
-            ) from None
+            if self._models is None:
+                raise
+            log.warning("model list from upstream failed (%s); serving the cached one", e)
+            return self._models[1]
         self._models = (now, models)
         return models
 
     def admin_state(self) -> dict[str, Any]:
         """Everything the dashboard shows: live figures, users today, history, failures."""
         today = self.clock.today()
-        requests, tokens = self.store.totals(today)
+        live = self.figures()
         users = []
         for u in self.users.by_name.values():
             c = self.store.counts(u.name, today)
@@ -2543,14 +2589,14 @@ class Relay:
             "now": datetime.fromtimestamp(self.clock.now(), self.clock.tz).isoformat(),
             "today": today,
             "gateway": {
-                "status": "stopping" if self.stopping else "running",
-                "queue_length": len(self.queue),
+                "status": live.status,
+                "queue_length": live.queue_length,
                 "queue_size": self.queue.size,
-                "in_flight": self.queue.processing,
+                "in_flight": live.processing,
                 "concurrency": self.queue.concurrency,
                 "latency": self.metrics.latency_quantiles(),
-                "today_requests": requests,
-                "today_tokens": tokens,
+                "today_requests": live.today_requests,
+                "today_tokens": live.today_tokens,
             },
             "users": users,
             "history": history,
@@ -2573,29 +2619,35 @@ class Relay:
                 del self._history[old]
         return cached[1]
 
-    def status(self) -> dict[str, Any]:
+    def figures(self) -> Figures:
+        """The live figures that the status route, the dashboard and /metrics all show."""
         requests, tokens = self.store.totals(self.clock.today())
+        return Figures(
+            status="stopping" if self.stopping else "running",
+            queue_length=len(self.queue),
+            processing=self.queue.processing,
+            today_requests=requests,
+            today_tokens=tokens,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """GET /api/status.php, in the contract's shape."""
+        live = self.figures()
         return {
-            "status": "stopping" if self.stopping else "running",
+            "status": live.status,
             "api_key_configured": self.upstream.configured,
             "queue_enabled": self.queue.enabled,
             "stats": {
                 "total_users": len(self.users),
-                "queue_length": len(self.queue),
-                "processing": self.queue.processing,
-                "today_requests": requests,
-                "today_tokens": tokens,
+                "queue_length": live.queue_length,
+                "processing": live.processing,
+                "today_requests": live.today_requests,
+                "today_tokens": live.today_tokens,
             },
         }
 
 
 MODELS_CACHE_SECONDS = 300.0
-
-
-def _store_failed() -> GatewayError:
-    return GatewayError(
-        500, MSG_CONFIG, {"error": "the usage store cannot be written; see the gateway log"}
-    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -2853,11 +2905,12 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, GatewayError):
+        error = answer_for(exc, self.relay.clock) if exc is not None else None
+        if error is not None:
             # send_error() cleared the headers; put back ours (e.g. Retry-After).
-            for name, value in exc.headers.items():
+            for name, value in error.headers.items():
                 self.set_header(name, value)
-            self.render_error(exc.status, exc.message, exc.data)
+            self.render_error(error.status, error.message, error.data)
             return
         message = MESSAGE_BY_STATUS.get(status_code, MSG_INTERNAL)
         data = None if status_code < 500 else {"error": "internal error; see the gateway log"}
@@ -2876,8 +2929,15 @@ class BaseHandler(tornado.web.RequestHandler):
         self.send_json(envelope(False, message, data), status)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, GatewayError | tornado.web.HTTPError):
+        if isinstance(value, GatewayError | tornado.web.HTTPError | QuotaExceeded):
             return  # an answer, not a fault; the access log records it
+        who = self.user.name if self.user else "-"
+        if isinstance(value, StoreError | ConfigError):
+            log.error("%s %s (user %s): %s", self.request.method, self.request.path, who, value)
+            return
+        if isinstance(value, UpstreamFailure):
+            log.warning("upstream call for %s failed: %s %s", who, value.status, value.error)
+            return
         # Tornado would log the request repr (with its URI); ours names only method and path.
         log.error(
             "uncaught exception in %s %s",
@@ -2887,6 +2947,43 @@ class BaseHandler(tornado.web.RequestHandler):
         )
 
 
+def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
+    """The answer to an exception raised under a handler: the one place where failures
+    become responses (write_error renders it in the route's shape)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, QuotaExceeded):
+        if exc.reason == "corrupt":
+            return GatewayError(
+                500,
+                MSG_SERVER_ERROR,
+                {"error": "this user's usage records are unreadable; see the gateway log"},
+            )
+        user, c = exc.user, exc.counts
+        return GatewayError(
+            429,
+            MSG_REQUEST_LIMIT if exc.reason == "requests" else MSG_TOKEN_LIMIT,
+            {
+                "daily_request_count": c.requests + c.reserved,
+                "daily_request_limit": user.daily_request_limit,
+                "daily_token_count": c.tokens,
+                "daily_token_limit": user.daily_token_limit,
+            },
+            {"Retry-After": str(clock.seconds_to_midnight())},
+        )
+    if isinstance(exc, UpstreamFailure):
+        return GatewayError(502, MSG_UPSTREAM, {"upstream_status": exc.status, "error": exc.error})
+    if isinstance(exc, StoreError):
+        return GatewayError(
+            500,
+            MSG_SERVER_ERROR,
+            {"error": "the usage store cannot be written; see the gateway log"},
+        )
+    if isinstance(exc, ConfigError):
+        return GatewayError(500, MSG_SERVER_ERROR, {"error": str(exc)})
+    return None
+
+
 class NotFoundHandler(BaseHandler):
     def check_access(self) -> None:
         raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path[:200]})
@@ -2894,24 +2991,52 @@ class NotFoundHandler(BaseHandler):
 
 class StatusHandler(BaseHandler):
     def get(self) -> None:
-        try:
-            status = self.relay.status()
-        except StoreError as e:
-            log.error("usage store: %s", e)
-            raise _store_failed() from None
-        self.send_json(envelope(True, "OK", status))
+        self.send_json(envelope(True, "OK", self.relay.status()))
 
 
-class BodyHandler(BaseHandler, StreamSink):
-    """A relay endpoint: authenticates from the headers before reading the body, takes a body
-    up to --max-body-size, notices a client that leaves, and can stream Server-Sent Events."""
+class RelayHandler(BaseHandler, StreamSink):
+    """A relay route. Its request goes through the pipeline in this order:
+
+    authenticate  prepare() → check_access(), from the headers, before any body byte
+    validate      run(): parse the body, the route's validate()
+    admit         Relay.call: the gateway can take it; the user gets a slot (reserved)
+    relay         Relay.call: a worker makes the Job's upstream call
+    settle        Relay.call: charge it, or release the slot if it failed
+    answer        the route's post(), in its own shape; failures in write_error
+
+    Takes a body up to --max-body-size, notices a client that leaves, can stream events.
+    """
+
+    upstream_path = "/chat/completions"
 
     def initialize(self, relay: Relay) -> None:  # type: ignore[override]
         super().initialize(relay)
         self.body_limit = relay.config.max_body_size
         self.job: Job | None = None
-        self.gone = False
+        self.left = False  # the client closed its connection
         self.record = CallRecord(self.request.path)
+
+    def validate(self, request: dict[str, Any]) -> bool:
+        """Check the parsed body (raise a 400); return whether it asks for a stream."""
+        raise NotImplementedError
+
+    async def run(self) -> tuple[Outcome, bool] | None:
+        """validate → admit → relay → settle or release: the outcome and whether it is a
+        stream, or None when the client left while its call waited (nothing charged)."""
+        relay, rec = self.relay, cast(CallRecord, self.record)
+        body = self.body()
+        request = parse_json_object(body)
+        stream = rec.stream = self.validate(request)
+        rec.model = str(request.get("model"))[:100]
+        if stream:
+            self.job = relay.stream_job(self.upstream_path, request, self)
+        else:
+            self.job = relay.json_job(self.upstream_path, body, request)
+        try:
+            return await relay.call(cast(User, self.user), self.job, rec), stream
+        except ClientLeft:
+            rec.status, rec.error = 499, "client_closed_request: left while queued"
+            return None
 
     def api_key(self) -> str | None:
         """The key this route reads: the contract's X-API-Key header."""
@@ -2923,9 +3048,9 @@ class BodyHandler(BaseHandler, StreamSink):
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
-        self.gone = True
+        self.left = True
         if self.job is not None:
-            self.job.abandoned = True
+            self.job.client_left = True
 
     def start_stream(self) -> None:
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -2933,33 +3058,27 @@ class BodyHandler(BaseHandler, StreamSink):
         self.set_header("X-Accel-Buffering", "no")  # tell nginx not to buffer the stream
 
     async def send(self, data: bytes) -> None:
-        if self.gone:
+        if self.left:
             raise ClientLeft("client disconnected")
         self.write(data)
         try:
             await self.flush()
         except tornado.iostream.StreamClosedError:
-            self.gone = True
+            self.left = True
             raise ClientLeft("client disconnected") from None
 
 
-class CallHandler(BodyHandler):
+class CallHandler(RelayHandler):
     """POST /api/call.php: the contract's chat relay, in the contract's envelope."""
 
+    def validate(self, request: dict[str, Any]) -> bool:
+        return validate_chat(request)
+
     async def post(self) -> None:
-        relay = self.relay
-        user = cast(User, self.user)  # authenticated in prepare(), before the body was read
-        rec = cast(CallRecord, self.record)
-        body = self.body()
-        request = parse_json_object(body)
-        validate_chat(request)
-        rec.model = str(request.get("model"))[:100]
-        self.job = relay.json_job("/chat/completions", body, request)
-        try:
-            outcome = await relay.call(user, self.job, rec)
-        except ClientGone:
-            rec.status, rec.error = 499, "client_closed_request: left while queued"
-            return  # nothing was charged, nobody to answer
+        done = await self.run()
+        if done is None:
+            return  # the client left while queued: nobody to answer
+        outcome, user = done[0], cast(User, self.user)
         answer = outcome.answer
         # The envelope is built around the upstream's bytes rather than re-encoding its JSON.
         self.finish(
@@ -2991,7 +3110,7 @@ _OPENAI_CODES = {
     MSG_BAD_KEY: "invalid_api_key",
     MSG_REQUEST_LIMIT: "daily_request_limit_exceeded",
     MSG_TOKEN_LIMIT: "daily_token_limit_exceeded",
-    MSG_CONFIG: "configuration_error",
+    MSG_SERVER_ERROR: "configuration_error",
     MSG_UPSTREAM: "upstream_error",
     MSG_QUEUE_FULL: "queue_full",
     MSG_NOT_FOUND: "not_found",
@@ -3012,7 +3131,7 @@ def bearer_token(request: tornado.httputil.HTTPServerRequest) -> str | None:
     return auth[7:].strip() or None
 
 
-class OpenAIMixin(BaseHandler):
+class OpenAIHandler(BaseHandler):
     """/v1 routes: OpenAI's error shape, Bearer keys and x-ratelimit-* headers."""
 
     def api_key(self) -> str | None:
@@ -3028,15 +3147,11 @@ class OpenAIMixin(BaseHandler):
                 counts = self.relay.store.counts(user.name, self.relay.clock.today())
             except StoreError:
                 return
+        requests_left, tokens_left = remaining(user, counts)
         self.set_header("x-ratelimit-limit-requests", str(user.daily_request_limit))
-        self.set_header(
-            "x-ratelimit-remaining-requests",
-            str(max(0, user.daily_request_limit - counts.requests - counts.reserved)),
-        )
+        self.set_header("x-ratelimit-remaining-requests", str(requests_left))
         self.set_header("x-ratelimit-limit-tokens", str(user.daily_token_limit))
-        self.set_header(
-            "x-ratelimit-remaining-tokens", str(max(0, user.daily_token_limit - counts.tokens))
-        )
+        self.set_header("x-ratelimit-remaining-tokens", str(tokens_left))
 
     def render_error(self, status: int, message: str, data: dict[str, Any] | None) -> None:
         self.note_error(status, message, data)
@@ -3053,7 +3168,7 @@ class OpenAIMixin(BaseHandler):
         self.send_json({"error": error}, status)
 
 
-class OpenAIRelayHandler(OpenAIMixin, BodyHandler):
+class OpenAIRelayHandler(OpenAIHandler, RelayHandler):
     """POST /v1/chat/completions, /v1/completions, /v1/embeddings: the upstream's own answer."""
 
     def initialize(  # type: ignore[override]
@@ -3061,25 +3176,16 @@ class OpenAIRelayHandler(OpenAIMixin, BodyHandler):
     ) -> None:
         super().initialize(relay)
         self.upstream_path = path
-        self.validate = validate
+        self.validator = validate
+
+    def validate(self, request: dict[str, Any]) -> bool:
+        return self.validator(request)
 
     async def post(self) -> None:
-        relay = self.relay
-        user = cast(User, self.user)  # authenticated in prepare(), before the body was read
-        rec = cast(CallRecord, self.record)
-        body = self.body()
-        request = parse_json_object(body)
-        stream = rec.stream = self.validate(request)
-        rec.model = str(request.get("model"))[:100]
-        if stream:
-            self.job = relay.stream_job(self.upstream_path, request, self)
-        else:
-            self.job = relay.json_job(self.upstream_path, body, request)
-        try:
-            outcome = await relay.call(user, self.job, rec)
-        except ClientGone:
-            rec.status, rec.error = 499, "client_closed_request: left while queued"
-            return
+        done = await self.run()
+        if done is None:
+            return  # the client left while queued: nobody to answer
+        outcome, stream = done
         answer = outcome.answer
         if not stream:
             self.set_limit_headers(outcome.counts)
@@ -3097,7 +3203,7 @@ class OpenAIRelayHandler(OpenAIMixin, BodyHandler):
         self.set_limit_headers()
 
 
-class ModelsHandler(OpenAIMixin):
+class ModelsHandler(OpenAIHandler):
     """GET /v1/models: what the users can call."""
 
     def check_access(self) -> None:
@@ -3109,7 +3215,7 @@ class ModelsHandler(OpenAIMixin):
         self.send_json(models)
 
 
-class OpenAINotFoundHandler(OpenAIMixin):
+class OpenAINotFoundHandler(OpenAIHandler):
     def check_access(self) -> None:
         raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no route {self.request.path[:200]}"})
 
@@ -3444,11 +3550,7 @@ class AdminLoginHandler(AdminBase):
             await asyncio.sleep(0.5)  # slows a lone guesser; the throttle bounds the rest
             self.send_page(LOGIN_PAGE.replace("{{message}}", "Wrong admin key."), 403)
             return
-        try:
-            sid = self.relay.admin_sessions.create()
-        except StoreError as e:
-            log.error("admin login: %s", e)
-            raise _store_failed() from None
+        sid = self.relay.admin_sessions.create()
         self.set_signed_cookie(
             ADMIN_COOKIE,
             sid,
@@ -3468,11 +3570,7 @@ class AdminLogoutHandler(AdminBase):
         self.check_origin()
         sid = self.session_id()
         if sid is not None:
-            try:
-                self.relay.admin_sessions.end(sid)
-            except StoreError as e:
-                log.error("admin logout: %s", e)
-                raise _store_failed() from None
+            self.relay.admin_sessions.end(sid)
         self.clear_cookie(ADMIN_COOKIE, path="/")
         self.redirect("/admin", status=303)
 
@@ -3482,12 +3580,7 @@ class AdminStateHandler(AdminBase):
 
     def get(self) -> None:
         self.require_login()
-        try:
-            state = self.relay.admin_state()
-        except StoreError as e:
-            log.error("usage store: %s", e)
-            raise _store_failed() from None
-        self.send_json(envelope(True, MSG_OK, state))
+        self.send_json(envelope(True, MSG_OK, self.relay.admin_state()))
 
 
 class AdminActionHandler(AdminBase):
@@ -3512,23 +3605,17 @@ class AdminActionHandler(AdminBase):
         relay = self.relay
         if name not in relay.users.by_name:
             raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no user {name!r}"})
-        try:
-            if action == "reset":
-                await relay.store.reset(name, relay.clock.today())
-            else:
-                value = "true" if action == "enable" else "false"
-                await asyncio.get_running_loop().run_in_executor(
-                    None,
-                    edit_users_file,
-                    relay.users.path,
-                    lambda e: e.set(name, "enabled", value),
-                )
-                relay.users.reload_if_changed()
-        except ConfigError as e:
-            raise GatewayError(500, MSG_CONFIG, {"error": str(e)}) from None
-        except StoreError as e:
-            log.error("usage store: %s", e)
-            raise _store_failed() from None
+        if action == "reset":
+            await relay.store.reset(name, relay.clock.today())
+        else:
+            value = "true" if action == "enable" else "false"
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                edit_users_file,
+                relay.users.path,
+                lambda e: e.set(name, "enabled", value),
+            )
+            relay.users.reload_if_changed()
         log.info("admin: %s user %r", action, name)
         self.send_json(envelope(True, MSG_OK, {"user": name, "action": action}))
 
@@ -3546,18 +3633,21 @@ class MetricsHandler(AdminBase):
                 {"WWW-Authenticate": 'Bearer realm="gateway metrics"'},
             )
         relay = self.relay
-        requests, tokens = relay.store.totals(relay.clock.today())
+        live = relay.figures()
         gauges = {
-            "gateway_queue_length": ("Calls waiting for a worker.", len(relay.queue)),
-            "gateway_in_flight": ("Upstream calls running now.", relay.queue.processing),
+            "gateway_queue_length": ("Calls waiting for a worker.", live.queue_length),
+            "gateway_in_flight": ("Upstream calls running now.", live.processing),
             "gateway_queue_size": ("Calls that may wait (--queue-size).", relay.queue.size),
             "gateway_concurrency": (
                 "Upstream calls at once (--concurrency).",
                 relay.queue.concurrency,
             ),
             "gateway_users": ("Users loaded from the users file.", len(relay.users)),
-            "gateway_today_requests": ("Requests charged today, all processes.", requests),
-            "gateway_today_tokens": ("Tokens charged today, all processes.", tokens),
+            "gateway_today_requests": (
+                "Requests charged today, all processes.",
+                live.today_requests,
+            ),
+            "gateway_today_tokens": ("Tokens charged today, all processes.", live.today_tokens),
             "gateway_body_memory_bytes": (
                 "Request body bytes held now (--max-body-memory bounds it).",
                 relay.bodies.used,
@@ -4187,17 +4277,17 @@ class Admin:
         rows = []
         for u in self._users().values():
             c = counts.get(u.name, Counts())
-            used = c.requests + c.reserved
+            requests_left, tokens_left = remaining(u, c)
             rows.append(
                 {
                     "name": u.name,
                     "enabled": u.enabled,
-                    "requests_today": used,
+                    "requests_today": c.requests + c.reserved,
                     "request_limit": u.daily_request_limit,
-                    "requests_left": max(0, u.daily_request_limit - used),
+                    "requests_left": requests_left,
                     "tokens_today": c.tokens,
                     "token_limit": u.daily_token_limit,
-                    "tokens_left": max(0, u.daily_token_limit - c.tokens),
+                    "tokens_left": tokens_left,
                 }
             )
         return rows

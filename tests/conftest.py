@@ -192,15 +192,20 @@ class _ChatHandler(tornado.web.RequestHandler):
         self.finish(reply)
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    fake = FakeUpstream()
+def serve_fake(fake: FakeUpstream) -> FakeUpstream:
+    """Start a fake upstream on a free port of 127.0.0.1, in the running event loop."""
     app = tornado.web.Application(
         [(r"/v1/(?:chat/completions|completions|embeddings|models)", _ChatHandler, {"fake": fake})]
     )
     sock, fake.port = tornado.testing.bind_unused_port("127.0.0.1")
     fake.server = tornado.httpserver.HTTPServer(app)
     fake.server.add_sockets([sock])
+    return fake
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    fake = serve_fake(FakeUpstream())
     yield fake
     fake.server.stop()
     await fake.server.close_all_connections()

@@ -8,9 +8,7 @@ import logging
 import socket
 
 import pytest
-from conftest import ALICE_KEY, BOB_KEY, UPSTREAM_KEY, Env, free_port
-
-VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
+from conftest import ALICE_KEY, BOB_KEY, UPSTREAM_KEY, VALID, Env, free_port
 
 BAD_BODIES = [
     (b"", "not valid JSON"),

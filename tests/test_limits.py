@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import ALICE_KEY, Env
-
-VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
+from conftest import ALICE_KEY, VALID, Env
 
 
 async def test_exact_request_limit_with_120_released_at_once(env: Env) -> None:

@@ -8,11 +8,10 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import ALICE_KEY, Env
+from conftest import ALICE_KEY, VALID, Env
 
 import gateway
 
-VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 

@@ -14,7 +14,7 @@ import tornado.httpclient
 import tornado.httpserver
 import tornado.testing
 import tornado.web
-from conftest import UPSTREAM_KEY, Clock, FakeUpstream, _ChatHandler, users_yaml
+from conftest import UPSTREAM_KEY, Clock, FakeUpstream, serve_fake, users_yaml
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -56,12 +56,7 @@ class GatewayModel(RuleBasedStateMachine):
         return tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=50)
 
     async def _start_upstream(self) -> None:
-        app = tornado.web.Application(
-            [(r"/v1/chat/completions", _ChatHandler, {"fake": self.fake})]
-        )
-        sock, self.fake.port = tornado.testing.bind_unused_port("127.0.0.1")
-        self.fake.server = tornado.httpserver.HTTPServer(app)
-        self.fake.server.add_sockets([sock])
+        serve_fake(self.fake)
 
     async def _start_gateway(self) -> None:
         config = gateway.Config(

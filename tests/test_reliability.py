@@ -19,6 +19,7 @@ from conftest import (
     CAROL_KEY,
     KEY_ENV,
     ROOT,
+    VALID,
     Env,
     Proc,
     assert_data_parses,
@@ -32,8 +33,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gateway
-
-VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def round_users(limits: list[int]) -> dict[str, dict[str, object]]:

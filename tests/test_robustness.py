@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from conftest import ALICE_KEY, Env
-
-VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
+from conftest import ALICE_KEY, VALID, Env
 
 
 async def test_slow_headers_and_slow_bodies_are_cut_off(env: Env) -> None:

@@ -7,9 +7,8 @@ import logging
 import stat
 
 import pytest
-from conftest import ALICE_KEY, ALL_SECRETS, UPSTREAM_KEY, Env, data_text
+from conftest import ALICE_KEY, ALL_SECRETS, UPSTREAM_KEY, VALID, Env, data_text
 
-VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
 WRONG_KEY = "sk-wrong-CANARY-123456789"
 
 

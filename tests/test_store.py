@@ -7,9 +7,7 @@ import json
 import logging
 
 import pytest
-from conftest import ALICE_KEY, CAROL_KEY, Env
-
-VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
+from conftest import ALICE_KEY, CAROL_KEY, VALID, Env
 
 
 async def test_restart_keeps_counters_and_limits(env: Env) -> None:

@@ -9,11 +9,9 @@ import re
 
 import pytest
 import yaml
-from conftest import ALICE_KEY, BOB_KEY, ROOT, Env
+from conftest import ALICE_KEY, BOB_KEY, ROOT, VALID, Env
 
 import gateway
-
-VALID = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def wait_for_status(client, key: str, want: int, seconds: float = 3.0) -> None:  # type: ignore[no-untyped-def]
