@@ -182,6 +182,8 @@ class Redactor:
         }
 
     def text(self, text: str) -> str:
+        if not text.isascii():
+            text = text.encode("utf-8", "replace").decode("utf-8")  # no lone surrogates
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
@@ -262,8 +264,10 @@ class LogGuard(logging.Filter):
         self.suppressed = 0
 
     def install(self, redactor: Redactor) -> None:
-        """Guard the loggers (once) and redact these secrets from now on."""
+        """Guard the loggers (once) and redact these secrets from now on; the stranger-line
+        budget starts afresh."""
         self.redactor = redactor
+        self._window, self._lines, self.suppressed = 0.0, 0, 0
         for name in self.LOGGERS:
             logger = logging.getLogger(name)
             if self not in logger.filters:
@@ -1603,15 +1607,24 @@ class Upstream:
             raise UpstreamFailure(None, self._describe(response.error))
         if not 200 <= response.code < 300:
             raise UpstreamFailure(response.code, self.redactor.text(_error_message(response.body)))
+        raw, odd = response.body, list[str]()  # NaN, Infinity: not JSON, read as null
         try:
-            reply = json.loads(response.body)
+            reply = json.loads(raw, parse_constant=odd.append)
         except (ValueError, RecursionError):
             reply = None
         if not isinstance(reply, dict):
             raise UpstreamFailure(
                 response.code, "upstream returned a body that is not a JSON object"
             )
-        return reply, self.redactor.data(response.body)
+        # The upstream's bytes are relayed as they are, unless they are not plain UTF-8 JSON
+        # (a BOM, UTF-16, NaN) or hold a configured secret written with JSON escapes.
+        if odd or raw[:3] == b"\xef\xbb\xbf" or b"\x00" in raw:
+            raw = _compact(reply)  # NaN and Infinity became null
+        elif b"\\u" in raw and self.redactor.secrets:
+            plain = _compact(reply)
+            if self.redactor.data(plain) is not plain:
+                raw = plain
+        return reply, self.redactor.data(raw)
 
     async def post_json(self, path: str, body: bytes) -> tuple[dict[str, Any], bytes]:
         """POST a JSON body; return the reply, parsed and as sent (it must be a JSON object)."""
@@ -1619,8 +1632,9 @@ class Upstream:
         return reply, raw
 
     async def get_json(self, path: str) -> dict[str, Any]:
-        reply, _ = await self._fetch(self._request(path))
-        return reply  # type: ignore[no-any-return]
+        """GET a JSON object, parsed from the relayable (redacted) bytes."""
+        _, raw = await self._fetch(self._request(path))
+        return json.loads(raw)  # type: ignore[no-any-return]
 
     async def stream(
         self,
@@ -2102,9 +2116,35 @@ def _prompt_text(request: dict[str, Any]) -> str:
     return ""
 
 
-def estimate_request_tokens(request: dict[str, Any]) -> int:
-    """The prompt tokens of a request, estimated; never raises."""
-    return estimate_tokens(_prompt_text(request))
+def estimate_request_tokens(request: dict[str, Any], size: int = 0) -> int:
+    """The prompt tokens of a request, estimated; never raises.
+
+    Every string value the request holds counts (message contents, tool definitions and
+    calls, prompts, inputs; not `model` or a message's `role`), plus one token per token id in
+    a `prompt` or `input` list. The walk takes a bounded number of steps; if a body is too
+    large for it, the estimate is at least `size` // 8 for its `size` bytes, so padding
+    cannot make a large prompt cheap.
+    """
+    ascii_chars = other = ids = 0
+    stack: list[tuple[Any, bool]] = [
+        (v, k in ("prompt", "input")) for k, v in request.items() if k != "model"
+    ]
+    steps = MAX_ESTIMATE_PARTS
+    while stack and steps:
+        steps -= 1
+        value, token_ids = stack.pop()
+        if isinstance(value, str):
+            n = _ascii_count(value)
+            ascii_chars += n
+            other += len(value) - n
+        elif isinstance(value, list):
+            stack.extend((v, token_ids) for v in value)
+        elif isinstance(value, dict):
+            stack.extend((v, False) for k, v in value.items() if k != "role")
+        elif token_ids and type(value) is int:
+            ids += 1
+    estimate = math.ceil(ascii_chars / 4) + other + ids
+    return estimate if stack == [] else max(estimate, size // 8)
 
 
 def _count(value: Any) -> int | None:
@@ -2117,20 +2157,20 @@ def _exact_usage(usage: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     p, c, t = (_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+    if p is not None and c is not None and (t is None or p + c >= t):
+        return Usage(p, c, p + c)  # a total below its parts is not believed
     if t is not None:
         p = p if p is not None and p <= t else 0
-        return Usage(p, c if c is not None and p + c == t else t - p, t)
-    if p is not None and c is not None:
-        return Usage(p, c, p + c)
+        return Usage(p, t - p, t)
     return None
 
 
-def usage_of(reply: dict[str, Any], request: dict[str, Any]) -> Usage:
+def usage_of(reply: dict[str, Any], request: dict[str, Any], size: int = 0) -> Usage:
     """The upstream's usage, or an estimate when it sent none (marked estimated)."""
     usage = _exact_usage(reply.get("usage"))
     if usage is not None:
         return usage
-    prompt = estimate_request_tokens(request)
+    prompt = estimate_request_tokens(request, size)
     choices = reply.get("choices")
     texts = [
         _text_of(ch.get("message") or ch.get("text"))
@@ -2199,11 +2239,14 @@ class SSERelay:
         sink: StreamSink,
         request: dict[str, Any],
         strip_usage: bool,
+        *,
         redactor: Redactor,
         max_event: int,
+        size: int = 0,
     ) -> None:
         self.sink = sink
         self.request = request
+        self.size = size  # the request body's bytes, for the estimate's floor
         self.strip_usage = strip_usage
         self.redactor = redactor
         self.max_event = max_event
@@ -2229,7 +2272,9 @@ class SSERelay:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take a piece of the upstream's body; return the complete events to forward."""
-        if self.sink.left:
+        if self.sink.left and not self.finished:
+            # Cancelled mid-generation. After the last choice finished, the rest (the usage
+            # chunk) is still read, so that a client leaving then is charged exact usage.
             raise ClientLeft("client disconnected; upstream call cancelled")
         if not (200 <= self.status < 300 and self.content_type.startswith("text/event-stream")):
             if len(self._error_body) < 65536:
@@ -2266,8 +2311,12 @@ class SSERelay:
     async def on_chunk(self, chunk: bytes) -> None:
         """Streaming callback; Tornado's client awaits it, so a slow client slows the read."""
         data = self.feed(chunk)
-        if data:
-            await self.sink.send(data)
+        if data and not self.sink.left:
+            try:
+                await self.sink.send(data)
+            except ClientLeft:
+                if not self.finished:
+                    raise
         if self.cut:
             raise EventTooLarge(self.cut)  # the events before it were sent first
 
@@ -2291,7 +2340,7 @@ class SSERelay:
         if not isinstance(obj, dict):
             return True
         if not self.upstream_id and isinstance(obj.get("id"), str):
-            self.upstream_id = obj["id"][:200]
+            self.upstream_id = self.redactor.text(obj["id"][:200])
         usage = _exact_usage(obj.get("usage"))
         if usage is not None:
             self.usage = usage
@@ -2310,7 +2359,7 @@ class SSERelay:
 
     def partial_usage(self) -> Usage:
         """Prompt plus what was generated so far, estimated."""
-        prompt = estimate_request_tokens(self.request)
+        prompt = estimate_request_tokens(self.request, self.size)
         completion = math.ceil(self._ascii / 4) + self._other
         return Usage(prompt, completion, prompt + completion, estimated=True)
 
@@ -2503,9 +2552,9 @@ class Relay:
             uid = reply.get("id")
             return Answer(
                 reply,
-                usage_of(reply, request),
+                usage_of(reply, request, len(body)),
                 raw=raw,
-                upstream_id=uid[:200] if isinstance(uid, str) else "",
+                upstream_id=self.upstream.redactor.text(uid[:200]) if isinstance(uid, str) else "",
             )
 
         return Job(call=call, model=str(request.get("model")))
@@ -2518,7 +2567,14 @@ class Relay:
         upstream_request["stream_options"] = {**(options or {}), "include_usage": True}
         body = json.dumps(upstream_request, ensure_ascii=False).encode()
         upstream = self.upstream
-        relay = SSERelay(sink, request, not wanted, upstream.redactor, self.config.max_event_size)
+        relay = SSERelay(
+            sink,
+            request,
+            not wanted,
+            redactor=upstream.redactor,
+            max_event=self.config.max_event_size,
+            size=len(body),
+        )
 
         async def call() -> Answer:
             try:
@@ -2761,10 +2817,14 @@ def envelope(success: bool, message: str, data: Any) -> dict[str, Any]:
 
 
 def _compact(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    # backslashreplace: a lone surrogate becomes its JSON escape instead of an exception.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "backslashreplace"
+    )
 
 
-SMALL_BODY = 64 * 1024  # the body allowed on routes that are not relays (admin forms, actions)
+FORM_BODY = 16 * 1024  # the body allowed on the admin's form and action routes
+_LENGTH = re.compile(r"[0-9]{1,15}")  # a Content-Length we act on; Tornado refuses the rest
 
 
 class BodyBudget:
@@ -2795,14 +2855,17 @@ class BaseHandler(tornado.web.RequestHandler):
 
     Every route reads its own body (stream_request_body), so nothing of a body is read until
     prepare() has checked the headers, the route and the key: a stranger's upload is never
-    buffered. A body is kept up to the route's `body_limit` (413 past it) and within the
-    process's BodyBudget (503 past it). A request answered before its body was read has its
-    connection closed once the answer is sent (Tornado does so), so the body is never taken in.
+    buffered. A body is kept up to the route's `body_limit` (413 past it; routes that take no
+    body have 0); the relay routes' bodies, which only key holders can send, also count
+    against the process's BodyBudget (503 past it). A request answered before its body was
+    read has its connection closed once the answer is sent (Tornado does so), so the body is
+    never taken in.
     """
 
     relay: Relay
     record: CallRecord | None = None  # set by the relay endpoints
-    body_limit = SMALL_BODY
+    body_limit = 0
+    budgeted = False  # whether this route's bodies count against --max-body-memory
 
     def initialize(self, relay: Relay) -> None:
         self.relay = relay
@@ -2811,6 +2874,12 @@ class BaseHandler(tornado.web.RequestHandler):
         self._size = 0
         self._held = 0  # bytes of the BodyBudget this request holds
         self._form_read = False
+        self.admin = False  # the admin's session or key was checked and holds
+
+    @property
+    def identified(self) -> bool:
+        """Whether the request showed a valid user key or admin login (else a stranger's)."""
+        return self.user is not None or self.admin
 
     def prepare(self) -> None:
         # Tornado reads up to MAX_HEADER_BYTES * 4 of headers (beyond that it drops the
@@ -2818,12 +2887,15 @@ class BaseHandler(tornado.web.RequestHandler):
         size = sum(len(k) + len(v) for k, v in self.request.headers.get_all())
         if size > MAX_HEADER_BYTES:
             raise GatewayError(431, MSG_HEADERS_TOO_LARGE, {"max_header_bytes": MAX_HEADER_BYTES})
+        method = self.request.method.lower() if self.request.method else ""
+        if getattr(type(self), method, None) is getattr(tornado.web.RequestHandler, method, None):
+            raise tornado.web.HTTPError(405)  # the route has no such method: 405 before the rest
         self.check_access()
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > 0:
+        length = self.request.headers.get("Content-Length", "")
+        if _LENGTH.fullmatch(length) and int(length) > 0:
             if int(length) > self.body_limit:
                 raise self._too_large()
-            if not self.relay.bodies.take(int(length)):
+            if self.budgeted and not self.relay.bodies.take(int(length)):
                 raise self._bodies_full()
             self._held = int(length)
 
@@ -2837,7 +2909,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if self._size > self.body_limit:
             self._chunks.clear()
             self._refuse(self._too_large())
-        elif self._size <= self._held:
+        elif self._size <= self._held or not self.budgeted:
             self._chunks.append(chunk)
         elif self.relay.bodies.take(self._size - self._held):  # chunked: admitted as it comes
             self._held = self._size
@@ -2873,25 +2945,33 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def read_form(self) -> None:
         """Parse a form body into the request's arguments (Tornado does not, for a body it
-        did not read itself)."""
+        did not read itself); a malformed one is a 400."""
         if self._form_read:
             return
         self._form_read = True
         req = self.request
-        tornado.httputil.parse_body_arguments(
-            req.headers.get("Content-Type", ""), self.body(), req.body_arguments, req.files
-        )
+        try:
+            tornado.httputil.parse_body_arguments(
+                req.headers.get("Content-Type", ""), self.body(), req.body_arguments, req.files
+            )
+        except (tornado.httputil.HTTPInputError, ValueError) as e:
+            raise bad_request(f"malformed form body: {e}") from None
         for name, values in req.body_arguments.items():
             req.arguments.setdefault(name, []).extend(values)
 
     def _let_body_go(self) -> None:
-        self.relay.bodies.give(self._held)
+        if self.budgeted:
+            self.relay.bodies.give(self._held)
         self._held = 0
+        self._chunks.clear()
 
     def on_finish(self) -> None:
         self._let_body_go()
 
     def on_connection_close(self) -> None:
+        # Tornado's own fails the request's body future, which ends a request whose client
+        # left mid-body; without it the request would wait for its body forever.
+        super().on_connection_close()
         self._let_body_go()
 
     def set_default_headers(self) -> None:
@@ -2944,6 +3024,7 @@ class BaseHandler(tornado.web.RequestHandler):
             self.request.method,
             self.request.path,
             exc_info=(typ, value, tb),
+            extra={"stranger": not self.identified},  # rate-limited for strangers
         )
 
 
@@ -2985,7 +3066,7 @@ def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
 
 
 class NotFoundHandler(BaseHandler):
-    def check_access(self) -> None:
+    def prepare(self) -> None:  # any method, any headers: the route does not exist
         raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path[:200]})
 
 
@@ -3008,6 +3089,8 @@ class RelayHandler(BaseHandler, StreamSink):
     """
 
     upstream_path = "/chat/completions"
+
+    budgeted = True
 
     def initialize(self, relay: Relay) -> None:  # type: ignore[override]
         super().initialize(relay)
@@ -3216,12 +3299,14 @@ class ModelsHandler(OpenAIHandler):
 
 
 class OpenAINotFoundHandler(OpenAIHandler):
-    def check_access(self) -> None:
+    def prepare(self) -> None:  # any method, any headers: the route does not exist
         raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no route {self.request.path[:200]}"})
 
 
 class DemoModelHandler(BaseHandler):
     """--demo only: a local stand-in for an OpenAI-compatible upstream."""
+
+    budgeted = True
 
     def initialize(self, relay: Relay) -> None:
         super().initialize(relay)
@@ -3475,6 +3560,7 @@ class AdminBase(BaseHandler):
         want = hashlib.sha256(relay.config.admin_key.encode()).digest()
         got = hashlib.sha256((key or "").encode("utf-8", "surrogateescape")).digest()
         if hmac.compare_digest(want, got):
+            self.admin = True
             return True
         relay.admin_guesses.failed(address)
         log.warning("admin %s refused from %s: wrong key", surface, address)
@@ -3486,7 +3572,8 @@ class AdminBase(BaseHandler):
 
     def logged_in(self) -> bool:
         sid = self.session_id()
-        return sid is not None and self.relay.admin_sessions.valid(sid)
+        self.admin = sid is not None and self.relay.admin_sessions.valid(sid)
+        return self.admin
 
     def require_login(self) -> None:
         if not self.logged_in():
@@ -3536,6 +3623,8 @@ class AdminPageHandler(AdminBase):
 class AdminLoginHandler(AdminBase):
     """POST /admin/login (form: key): a new server-side session in a signed, HttpOnly cookie."""
 
+    body_limit = FORM_BODY
+
     async def post(self) -> None:
         self.check_origin()
         try:
@@ -3566,6 +3655,8 @@ class AdminLoginHandler(AdminBase):
 class AdminLogoutHandler(AdminBase):
     """POST /admin/logout: ends the session on the server, then clears the cookie."""
 
+    body_limit = FORM_BODY
+
     def post(self) -> None:
         self.check_origin()
         sid = self.session_id()
@@ -3587,8 +3678,13 @@ class AdminActionHandler(AdminBase):
     """POST /admin/api/users/(enable|disable|reset) with {"name": …} (the dashboard's form,
     which works for any name, "." and ".." included), or /admin/api/users/NAME/ACTION."""
 
+    body_limit = FORM_BODY
+
+    def check_access(self) -> None:
+        super().check_access()
+        self.require_login()  # before any body byte is read
+
     async def post(self, *args: str) -> None:
-        self.require_login()
         self.check_origin()
         if len(args) == 2:
             name, action = args  # `name` arrives URL-decoded
@@ -3930,6 +4026,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     if not tornado.log.access_log.isEnabledFor(level):
         return
     user = getattr(handler, "user", None)
+    stranger = not getattr(handler, "identified", False)
     tornado.log.access_log.log(
         level,
         "%d %s %s user=%s %.1fms",
@@ -3938,8 +4035,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         handler.request.path,
         user.name if user else "-",
         1000.0 * handler.request.request_time(),
-        # Refusals of requests without a valid key: their lines are rate-limited (LogGuard).
-        extra={"stranger": user is None and 400 <= status < 500},
+        # Requests without a valid key or admin login: their lines are rate-limited (LogGuard).
+        extra={"stranger": stranger},
     )
 
 
