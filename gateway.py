@@ -6,6 +6,34 @@ Run:    python gateway.py --demo                     (built-in mock model, no up
 Users:  users.yaml, reloaded on change (format in README.md).  Counters: data/YYYY-MM-DD.jsonl.
 Admin:  python gateway.py user add|list|disable|enable|limits|rotate|reset …, usage …;
         /admin dashboard and /metrics with --admin-key.
+
+The file, section by section, each under a banner; names are defined before the sections
+that use them (the dashboard's page assets excepted, kept near the end out of the code's way):
+
+   1. Contract: messages, error codes and the envelope (clients match on these)
+   2. Errors: raised anywhere, turned into answers in one place (answer_for)
+   3. Secrets out, control characters escaped: what may reach a client, a log or data/
+   4. Configuration and options
+   5. Private files: data/ is 0700, its files 0600, no symbolic link followed
+   6. Users (users.yaml)
+   7. Editing users.yaml in place (the `user` commands and the dashboard)
+   8. Days: "today" is the calendar day in the configured zone
+   9. Usage store: the interface, the journal format, the file backend
+  10. Upstream client and the bounded queue
+  11. Call log (data/calls/YYYY-MM-DD.jsonl) and metrics
+  12. Requests: bodies, parsing, validation and token estimation
+  13. Admin access: sessions and the guess throttle
+  14. The relay pipeline: admit -> relay -> settle or release (Relay.call)
+  15. HTTP handlers: the API routes
+  16. Operating: /metrics and the /admin dashboard (both off without --admin-key)
+  17. Demo upstream (--demo): a mock OpenAI-compatible model
+  18. Assets: the dashboard's HTML, CSS and JavaScript
+  19. Administration commands: python gateway.py user … | usage …
+  20. Main: routes, the HTTP server, the running service, the command line
+
+A request's way through: HTTPServer → a handler's prepare() (route, key, body size, from the
+headers) → RelayHandler.run() (validate) → Relay.call (admit → relay → settle or release) →
+the handler's answer, or answer_for() → write_error() for any failure.
 """
 
 from __future__ import annotations
@@ -55,8 +83,9 @@ import yaml
 
 log = logging.getLogger("gateway")
 
+
 # ---------------------------------------------------------------------------------------------
-# Contract messages (the API contract's wording; clients match on these)
+# Contract: messages, error codes and the envelope (clients match on these)
 # ---------------------------------------------------------------------------------------------
 
 MSG_OK = "请求成功"
@@ -77,8 +106,6 @@ MSG_STOPPING = "服务正在停止"
 MSG_FORBIDDEN = "无权访问"
 MSG_TOO_MANY = "请求过于频繁"
 
-MAX_HEADER_BYTES = 32 * 1024  # request headers, names and values together
-
 MESSAGE_BY_STATUS = {
     400: MSG_BAD_REQUEST,
     401: MSG_BAD_KEY,
@@ -91,8 +118,49 @@ MESSAGE_BY_STATUS = {
     503: MSG_QUEUE_FULL,
 }
 
+
+# OpenAI's error `type` and our `code` for each status / contract message.
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    431: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+}
+_OPENAI_CODES = {
+    MSG_BAD_REQUEST: "invalid_request",
+    MSG_BAD_KEY: "invalid_api_key",
+    MSG_REQUEST_LIMIT: "daily_request_limit_exceeded",
+    MSG_TOKEN_LIMIT: "daily_token_limit_exceeded",
+    MSG_SERVER_ERROR: "configuration_error",
+    MSG_UPSTREAM: "upstream_error",
+    MSG_QUEUE_FULL: "queue_full",
+    MSG_NOT_FOUND: "not_found",
+    MSG_METHOD: "method_not_allowed",
+    MSG_TOO_LARGE: "request_too_large",
+    MSG_HEADERS_TOO_LARGE: "headers_too_large",
+    MSG_INTERNAL: "internal_error",
+    MSG_STOPPING: "shutting_down",
+    MSG_TOO_MANY: "too_many_requests",
+}
+
+
+def envelope(success: bool, message: str, data: Any) -> dict[str, Any]:
+    return {"success": success, "message": message, "data": data}
+
+
+def _compact(obj: Any) -> bytes:
+    # backslashreplace: a lone surrogate becomes its JSON escape instead of an exception.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "backslashreplace"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
-# Errors
+# Errors: raised anywhere, turned into answers in one place (answer_for)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -147,6 +215,18 @@ class UpstreamFailure(Exception):
         self.error = error
 
 
+class ClientLeft(tornado.httputil.HTTPInputError):
+    """Raised inside the upstream's streaming callback to abort it when the client has gone.
+
+    An HTTPInputError, because Tornado's HTTP client lets that type through its callback
+    wrapper without logging a traceback, and then closes the upstream connection.
+    """
+
+
+class EventTooLarge(ClientLeft):
+    """Raised inside the streaming callback when one upstream event outgrows --max-event-size."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Secrets out, control characters escaped: what may reach a client, a log or data/
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +238,11 @@ _SECRET_PATTERNS = re.compile(
 _KEYISH_RUN = re.compile(r"[A-Za-z0-9_\-.+/=~*]{8,}")
 _FRAGMENT = 8  # this many consecutive characters of a configured secret are redacted
 REDACTED = "[redacted]"
+
+
+def _mixed(text: str) -> bool:
+    kinds = (str.islower, str.isupper, str.isdigit, lambda c: not c.isalnum())
+    return sum(any(kind(c) for c in text) for kind in kinds) >= 2
 
 
 class Redactor:
@@ -206,11 +291,6 @@ class Redactor:
         return data
 
 
-def _mixed(text: str) -> bool:
-    kinds = (str.islower, str.isupper, str.isdigit, lambda c: not c.isalnum())
-    return sum(any(kind(c) for c in text) for kind in kinds) >= 2
-
-
 def redact(text: str, secrets_: tuple[str, ...] = ()) -> str:
     """Remove these secrets, fragments of them and anything key-shaped from text."""
     return Redactor(secrets_).text(text)
@@ -235,6 +315,10 @@ def escape_controls(text: str, keep_newlines: bool = False) -> str:
 
 
 STRANGER_LINES_PER_MINUTE = 20  # log lines about requests that never authenticated
+
+
+_HEADER_QUOTE = re.compile(r"(Invalid header (?:value|name)|Invalid Host header:?) .*", re.S)
+_TRACEBACKS = logging.Formatter()
 
 
 class LogGuard(logging.Filter):
@@ -320,13 +404,11 @@ class LogGuard(logging.Filter):
             )
 
 
-_HEADER_QUOTE = re.compile(r"(Invalid header (?:value|name)|Invalid Host header:?) .*", re.S)
-_TRACEBACKS = logging.Formatter()
 LOG_GUARD = LogGuard()
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration
+# Configuration and options
 # ---------------------------------------------------------------------------------------------
 
 
@@ -374,6 +456,208 @@ class Config:
             raise ConfigError(f"--timezone={self.timezone!r} is not an IANA time zone") from e
 
 
+def _has_pycurl() -> bool:
+    try:
+        import pycurl  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def define_options() -> tornado.options.OptionParser:
+    """The options; each is also read from GATEWAY_<NAME> (e.g. GATEWAY_QUEUE_SIZE)."""
+    d = Config()
+    p = tornado.options.OptionParser()
+    p.define("host", d.host, str, "address to listen on; 0.0.0.0 for all interfaces")
+    p.define("port", d.port, int, "port to listen on")
+    p.define("users-file", d.users_file, str, "users file, reloaded when it changes")
+    p.define("data-dir", d.data_dir, str, "directory for counters (YYYY-MM-DD.jsonl/.json)")
+    p.define("upstream-base-url", d.upstream_base_url, str, "OpenAI-compatible base URL")
+    p.define(
+        "upstream-api-key",
+        d.upstream_api_key,
+        str,
+        "the team's upstream key (also UPSTREAM_API_KEY or OPENAI_API_KEY); "
+        "empty: calls answer 500 and status shows api_key_configured false",
+    )
+    p.define("upstream-timeout", d.upstream_timeout, float, "seconds for a whole upstream call")
+    p.define("upstream-connect-timeout", d.upstream_connect_timeout, float, "seconds to connect")
+    p.define(
+        "queue-size",
+        d.queue_size,
+        int,
+        "calls that may wait for a worker; 0 turns the queue off (busy workers -> 503)",
+    )
+    p.define("concurrency", d.concurrency, int, "upstream calls in flight at once (workers)")
+    p.define("timezone", d.timezone, str, "IANA zone for 'today'; empty: the machine's zone")
+    p.define("max-body-size", d.max_body_size, int, "largest request body in bytes (else 413)")
+    p.define("demo", d.demo, bool, "answer with a built-in mock model; enables demo_only users")
+    p.define(
+        "fsync",
+        d.fsync,
+        bool,
+        "fsync each charge before answering (survives power loss; slower). "
+        "false: a process crash loses nothing, a power loss may lose the last seconds",
+    )
+    p.define("reload-interval", d.reload_interval, float, "seconds between users-file checks")
+    p.define(
+        "idle-timeout", d.idle_timeout, float, "seconds an idle or slow-header connection lives"
+    )
+    p.define("body-timeout", d.body_timeout, float, "seconds allowed to send a request body")
+    p.define("shutdown-timeout", d.shutdown_timeout, float, "seconds to finish calls on SIGTERM")
+    p.define("xheaders", d.xheaders, bool, "trust X-Forwarded-For/X-Real-Ip (behind a proxy)")
+    p.define(
+        "http-client",
+        d.http_client,
+        str,
+        "upstream HTTP client: curl (pycurl), simple (Tornado's own), or auto (curl if installed)",
+    )
+    p.define(
+        "models",
+        d.models,
+        str,
+        "comma-separated model ids for GET /v1/models; empty: the upstream's list (cached 5 min)",
+    )
+    p.define(
+        "admin-key",
+        d.admin_key,
+        str,
+        "key for the /admin dashboard and /metrics (also GATEWAY_ADMIN_KEY); empty: both off",
+    )
+    p.define(
+        "retention-days",
+        d.retention_days,
+        int,
+        "delete counters and call logs of days older than this many days; 0: keep everything",
+    )
+    p.define(
+        "max-body-memory",
+        d.max_body_memory,
+        int,
+        "bytes of request bodies held at once, all requests together (else 503)",
+    )
+    p.define(
+        "max-event-size",
+        d.max_event_size,
+        int,
+        "largest single upstream stream event in bytes; a larger one ends the stream "
+        "(stream_interrupted, charged)",
+    )
+    tornado.log.define_logging_options(p)
+    return p
+
+
+def parse_config(argv: list[str], env: dict[str, str]) -> Config:
+    """Options from GATEWAY_* env vars, then the command line (which wins)."""
+    parser = define_options()
+    from_env = []
+    for name in parser:
+        value = env.get("GATEWAY_" + name.upper().replace("-", "_"))
+        if value is not None:
+            from_env.append(f"--{name}={value}")
+    key = env.get("UPSTREAM_API_KEY") or env.get("OPENAI_API_KEY")
+    if key and "GATEWAY_UPSTREAM_API_KEY" not in env:
+        from_env.insert(0, f"--upstream-api-key={key}")
+    rest = parser.parse_command_line(["gateway.py", *from_env, *argv])
+    if rest:
+        raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
+    o = parser.as_dict()
+    fields = {f.name for f in dataclasses.fields(Config)}
+    config = Config(
+        **{k.replace("-", "_"): v for k, v in o.items() if k.replace("-", "_") in fields}
+    )
+    if config.concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    if config.http_client not in ("auto", "curl", "simple"):
+        raise ConfigError("--http-client must be auto, curl or simple")
+    if config.http_client == "curl" and not _has_pycurl():
+        raise ConfigError("--http-client=curl needs pycurl (pip install pycurl)")
+    if config.admin_key and len(config.admin_key) < 12:
+        raise ConfigError("--admin-key must be at least 12 characters")
+    if config.retention_days < 0:
+        raise ConfigError("--retention-days must be >= 0 (0 keeps everything)")
+    if config.queue_size < 0 or config.max_body_size < 1:
+        raise ConfigError("--queue-size must be >= 0 and --max-body-size >= 1")
+    if config.max_body_memory < config.max_body_size:
+        raise ConfigError("--max-body-memory must be at least --max-body-size")
+    if config.max_event_size < 1024:
+        raise ConfigError("--max-event-size must be at least 1024 bytes")
+    config.tz()
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Private files: data/ is 0700, its files 0600, no symbolic link followed
+# ---------------------------------------------------------------------------------------------
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_private(path: Path, flags: int) -> int:
+    """os.open that never follows a symbolic link at `path` and creates files as 0600."""
+    return os.open(path, flags | _NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def read_private(path: Path) -> bytes:
+    """A file's bytes, refusing a symbolic link (ELOOP) as open_private does."""
+    fd = open_private(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create a directory and its missing parents as 0700, whatever the umask."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)  # mkdir's mode passes through the umask
+
+
+def file_lock(path: Path, thread_local: bool = True) -> filelock.BaseFileLock:
+    """A filelock lock whose file is 0600 whatever the umask and never a symbolic link."""
+    os.close(open_private(path, os.O_RDWR | os.O_CREAT))  # ELOOP on a link
+    return filelock.FileLock(str(path), mode=0o600, thread_local=thread_local)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace path with data so that a crash at any point leaves the old or the new file.
+
+    The temporary file has an unpredictable name and is created exclusively, never through
+    a symbolic link, so nothing planted in the directory can redirect the write.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {e.strerror}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Users (users.yaml)
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +696,9 @@ class User:
     enabled: bool = True
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """Safe YAML loader (libyaml when present) that refuses duplicate keys."""
 
@@ -425,9 +712,6 @@ class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ign
                     raise ConfigError(f"duplicate key {k.value!r} (line {k.start_mark.line + 1})")
                 seen.add(k.value)
         return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def _limit(value: Any, where: str) -> int:
@@ -817,7 +1101,7 @@ class DayClock:
 
 
 # ---------------------------------------------------------------------------------------------
-# Usage store
+# Usage store: the interface, the journal format, the file backend
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1281,74 +1565,6 @@ class _Ledger:
         os.close(self.fd)
 
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
-def open_private(path: Path, flags: int) -> int:
-    """os.open that never follows a symbolic link at `path` and creates files as 0600."""
-    return os.open(path, flags | _NOFOLLOW | os.O_CLOEXEC, 0o600)
-
-
-def read_private(path: Path) -> bytes:
-    """A file's bytes, refusing a symbolic link (ELOOP) as open_private does."""
-    fd = open_private(path, os.O_RDONLY)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def make_private_dir(path: Path) -> None:
-    """Create a directory and its missing parents as 0700, whatever the umask."""
-    missing = []
-    while not os.path.lexists(path):
-        missing.append(path)
-        path = path.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            continue
-        os.chmod(d, 0o700)  # mkdir's mode passes through the umask
-
-
-def file_lock(path: Path, thread_local: bool = True) -> filelock.BaseFileLock:
-    """A filelock lock whose file is 0600 whatever the umask and never a symbolic link."""
-    os.close(open_private(path, os.O_RDWR | os.O_CREAT))  # ELOOP on a link
-    return filelock.FileLock(str(path), mode=0o600, thread_local=thread_local)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace path with data so that a crash at any point leaves the old or the new file.
-
-    The temporary file has an unpredictable name and is created exclusively, never through
-    a symbolic link, so nothing planted in the directory can redirect the write.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        try:
-            os.fchmod(fd, mode)  # whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path}: {e.strerror}") from None
-
-
 class JournalStore(UsageStore):
     """Counters in data/: per-day journals (YYYY-MM-DD.jsonl) with JSON snapshots (.json).
 
@@ -1538,6 +1754,49 @@ class JournalStore(UsageStore):
 # ---------------------------------------------------------------------------------------------
 
 
+class _CachingResolver(tornado.netutil.DefaultExecutorResolver):
+    """Tornado's client opens a connection per call and resolves its host in a thread each
+    time; an IP address needs no lookup, and a name's addresses are kept for a minute."""
+
+    TTL = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[tuple[str, int, int], tuple[float, list[tuple[int, Any]]]] = {}
+
+    async def resolve(
+        self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC
+    ) -> list[tuple[int, Any]]:
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (str(ip), port))]
+        key = (host, port, int(family))
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.TTL:
+            return hit[1]
+        addresses = await super().resolve(host, port, family)
+        self._cache[key] = (now, addresses)
+        return addresses
+
+
+def _error_message(body: bytes | None) -> str:
+    """The upstream's own error message (OpenAI shape), or the start of its body."""
+    text = (body or b"").decode("utf-8", "replace")
+    try:
+        err = json.loads(text).get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])[:1000]
+        if isinstance(err, str):
+            return err[:1000]
+    except (ValueError, AttributeError):
+        pass
+    return text[:300] or "empty response"
+
+
 class Upstream:
     """Calls the OpenAI-compatible upstream with the team's key."""
 
@@ -1672,57 +1931,6 @@ class Upstream:
         self.client.close()
         if self.stream_client is not self.client:
             self.stream_client.close()
-
-
-class _CachingResolver(tornado.netutil.DefaultExecutorResolver):
-    """Tornado's client opens a connection per call and resolves its host in a thread each
-    time; an IP address needs no lookup, and a name's addresses are kept for a minute."""
-
-    TTL = 60.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._cache: dict[tuple[str, int, int], tuple[float, list[tuple[int, Any]]]] = {}
-
-    async def resolve(
-        self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC
-    ) -> list[tuple[int, Any]]:
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            pass
-        else:
-            return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (str(ip), port))]
-        key = (host, port, int(family))
-        hit = self._cache.get(key)
-        now = time.monotonic()
-        if hit is not None and now - hit[0] < self.TTL:
-            return hit[1]
-        addresses = await super().resolve(host, port, family)
-        self._cache[key] = (now, addresses)
-        return addresses
-
-
-def _has_pycurl() -> bool:
-    try:
-        import pycurl  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
-
-
-def _error_message(body: bytes | None) -> str:
-    """The upstream's own error message (OpenAI shape), or the start of its body."""
-    text = (body or b"").decode("utf-8", "replace")
-    try:
-        err = json.loads(text).get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return str(err["message"])[:1000]
-        if isinstance(err, str):
-            return err[:1000]
-    except (ValueError, AttributeError):
-        pass
-    return text[:300] or "empty response"
 
 
 @dataclass(frozen=True, slots=True)
@@ -2070,8 +2278,132 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------------------------------
-# The relay pipeline
+# Requests: bodies, parsing, validation and token estimation
 # ---------------------------------------------------------------------------------------------
+
+
+class BodyBudget:
+    """Bytes of request bodies held in memory at once, all requests together.
+
+    A body is counted from the moment it is admitted (its Content-Length, or each chunk as
+    it arrives) until its request has been answered; past --max-body-memory the request is
+    refused with 503, so concurrent uploads cannot take the process's memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_surrogate(doc: Any) -> bool:
+    """Whether any string in a parsed JSON document (keys too) holds a lone surrogate."""
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return True
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+    return False
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """Strict JSON: UTF-8, an object, no NaN/Infinity or overflowing numbers."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("request body is not valid UTF-8") from None
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as e:
+        raise bad_request(f"request body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise bad_request("request body must be a JSON object")
+    # Valid UTF-8 holds no surrogates, but a JSON escape (\\ud800) can: such a string could
+    # not be written to the journal or sent on, so it is refused before admission.
+    if _SURROGATE_ESCAPE.search(text) and _holds_surrogate(doc):
+        raise bad_request("request body holds a lone surrogate escape (\\ud800-\\udfff)")
+    return doc
+
+
+def _require_model(doc: dict[str, Any]) -> None:
+    model = doc.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad_request("'model' is required and must be a non-empty string", "model")
+
+
+def _check_stream(doc: dict[str, Any], allowed: bool) -> bool:
+    stream = doc.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be true or false", "stream")
+    if stream and not allowed:
+        raise bad_request(
+            "streaming is not available on /api/call.php; use /v1/chat/completions", "stream"
+        )
+    if "stream_options" in doc and not isinstance(doc["stream_options"], dict | None):
+        raise bad_request("'stream_options' must be an object", "stream_options")
+    return stream
+
+
+def validate_chat(doc: dict[str, Any], allow_stream: bool = False) -> bool:
+    """Check a chat request; return whether it asks for a stream."""
+    _require_model(doc)
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' is required and must be a non-empty list", "messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise bad_request("every item of 'messages' must be an object", "messages")
+    return _check_stream(doc, allow_stream)
+
+
+def validate_chat_stream(doc: dict[str, Any]) -> bool:
+    """/v1/chat/completions: a chat request that may stream."""
+    return validate_chat(doc, allow_stream=True)
+
+
+def validate_completion(doc: dict[str, Any]) -> bool:
+    _require_model(doc)
+    prompt = doc.get("prompt")
+    if not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
+        raise bad_request("'prompt' is required: a string or a non-empty list", "prompt")
+    return _check_stream(doc, True)
+
+
+def validate_embedding(doc: dict[str, Any]) -> bool:
+    _require_model(doc)
+    value = doc.get("input")
+    if not isinstance(value, str | list) or (isinstance(value, list) and not value):
+        raise bad_request("'input' is required: a string or a non-empty list", "input")
+    return False
+
 
 MAX_ESTIMATE_PARTS = 100_000  # values one estimate walks through; past it, the rest is not counted
 MAX_USAGE_TOKENS = 100_000_000  # the largest usage figure taken from an upstream, per field
@@ -2181,6 +2513,147 @@ def usage_of(reply: dict[str, Any], request: dict[str, Any], size: int = 0) -> U
     return Usage(prompt, completion, prompt + completion, estimated=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Admin access: sessions and the guess throttle
+# ---------------------------------------------------------------------------------------------
+
+ADMIN_COOKIE = "gateway_admin"
+ADMIN_SESSION_DAYS = 0.5  # a login lasts 12 hours
+# Failed admin-key checks: per source address and for the whole process, per minute.
+ADMIN_GUESSES_PER_ADDRESS = 5
+ADMIN_GUESSES_TOTAL = 20
+
+
+def admin_cookie_secret(admin_key: str) -> str:
+    """Signs admin cookies; follows the admin key, so changing the key ends every login."""
+    if not admin_key:
+        return secrets.token_hex(32)
+    return hmac.new(admin_key.encode(), b"gateway admin cookie", hashlib.sha256).hexdigest()
+
+
+class GuessThrottle:
+    """Bounds failed admin-key checks per source address and overall, whatever the concurrency.
+
+    A token bucket each: `per_address` failures a minute from one address and `total` from
+    all, refilling evenly. While a bucket is empty, a presented key is not even compared (the
+    answer is 429), so the number of keys tried per minute is bounded however many requests
+    arrive at once. A logged-in admin keeps working; the command line always does.
+    """
+
+    MAX_ADDRESSES = 10_000
+
+    def __init__(
+        self,
+        per_address: int = ADMIN_GUESSES_PER_ADDRESS,
+        total: int = ADMIN_GUESSES_TOTAL,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.now = now
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def _level(self, name: str, size: int) -> float:
+        """Tokens in a bucket now (a bucket never seen is full)."""
+        tokens, at = self._buckets.get(name, (float(size), 0.0))
+        return min(float(size), tokens + (self.now() - at) * size / 60.0)
+
+    def retry_after(self, address: str) -> int:
+        """0 if a key from this address may be checked now, else seconds to wait."""
+        wait = 0.0
+        for name, size in (("", self.total), ("@" + address, self.per_address)):
+            missing = 1.0 - self._level(name, size)
+            if missing > 0:
+                wait = max(wait, missing * 60.0 / size)
+        return math.ceil(wait)
+
+    def failed(self, address: str) -> None:
+        now = self.now()
+        for name, size in (("", self.total), ("@" + address, self.per_address)):
+            self._buckets[name] = (self._level(name, size) - 1.0, now)
+            self._buckets.move_to_end(name)
+        while len(self._buckets) > self.MAX_ADDRESSES:
+            self._buckets.popitem(last=False)  # the longest quiet: refilled by now
+
+
+class AdminSessions:
+    """Admin logins that the server can end: logout and expiry are decided here, not by the
+    cookie. data/admin-sessions.json maps the SHA-256 of each session id to its expiry, so
+    the file holds nothing that logs anyone in, and every process on the data dir shares it
+    (re-read when it changes)."""
+
+    def __init__(self, data_dir: str, now: Callable[[], float], lifetime: float) -> None:
+        self.path = Path(data_dir) / "admin-sessions.json"
+        self.now = now
+        self.lifetime = lifetime
+        self._sessions: dict[str, float] = {}
+        self._stamp: tuple[int, int, int] | None = None
+
+    @staticmethod
+    def _digest(sid: str) -> str:
+        return hashlib.sha256(sid.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def _read(self) -> dict[str, float]:
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            self._sessions, self._stamp = {}, None
+            return self._sessions
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp != self._stamp:
+            try:
+                doc = json.loads(read_private(self.path))
+                self._sessions = {
+                    str(k): float(v) for k, v in doc.items() if isinstance(v, int | float)
+                }
+            except (ValueError, AttributeError, OSError) as e:
+                log.error(
+                    "admin sessions in %s unreadable (%s): everyone logs in again", self.path, e
+                )
+                self._sessions = {}
+            self._stamp = stamp
+        return self._sessions
+
+    def _change(self, edit: Callable[[dict[str, float]], None]) -> None:
+        try:
+            lock = file_lock(self.path.with_name(".admin-sessions.lock"))
+            with lock.acquire(timeout=5):
+                self._stamp = None
+                now = self.now()
+                sessions = {k: t for k, t in self._read().items() if t > now}
+                edit(sessions)
+                atomic_write(self.path, json.dumps(sessions, indent=1).encode())
+                self._stamp = None
+        except (OSError, filelock.Timeout) as e:
+            raise StoreError(f"cannot update {self.path}: {e}") from None
+
+    def create(self) -> str:
+        sid = secrets.token_urlsafe(32)
+        expires = self.now() + self.lifetime
+        self._change(lambda sessions: sessions.__setitem__(self._digest(sid), expires))
+        return sid
+
+    def valid(self, sid: str) -> bool:
+        try:
+            expires = self._read().get(self._digest(sid))
+        except OSError:
+            return False
+        return expires is not None and expires > self.now()
+
+    def end(self, sid: str) -> None:
+        digest = self._digest(sid)
+
+        def drop(sessions: dict[str, float]) -> None:
+            sessions.pop(digest, None)
+
+        self._change(drop)
+
+
+# ---------------------------------------------------------------------------------------------
+# The relay pipeline: admit -> relay -> settle or release (Relay.call)
+# ---------------------------------------------------------------------------------------------
+
+
 def daily_limits(user: User, counts: Counts) -> dict[str, Any]:
     """The contract's `daily_limits`: charged (`used`), limit and `remaining` (see remaining)."""
     requests_left, tokens_left = remaining(user, counts)
@@ -2210,18 +2683,6 @@ class StreamSink(abc.ABC):
     @abc.abstractmethod
     async def send(self, data: bytes) -> None:
         """Write and flush; raise ClientLeft if the client has gone."""
-
-
-class ClientLeft(tornado.httputil.HTTPInputError):
-    """Raised inside the upstream's streaming callback to abort it when the client has gone.
-
-    An HTTPInputError, because Tornado's HTTP client lets that type through its callback
-    wrapper without logging a traceback, and then closes the upstream connection.
-    """
-
-
-class EventTooLarge(ClientLeft):
-    """Raised inside the streaming callback when one upstream event outgrows --max-event-size."""
 
 
 class SSERelay:
@@ -2418,6 +2879,10 @@ class Figures:
 class Outcome:
     answer: Answer
     counts: Counts
+
+
+MODELS_CACHE_SECONDS = 300.0
+HISTORY_DAYS = 14
 
 
 class Relay:
@@ -2703,150 +3168,52 @@ class Relay:
         }
 
 
-MODELS_CACHE_SECONDS = 300.0
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """Strict JSON: UTF-8, an object, no NaN/Infinity or overflowing numbers."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise bad_request("request body is not valid UTF-8") from None
-    try:
-        doc = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError) as e:
-        raise bad_request(f"request body is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise bad_request("request body must be a JSON object")
-    # Valid UTF-8 holds no surrogates, but a JSON escape (\\ud800) can: such a string could
-    # not be written to the journal or sent on, so it is refused before admission.
-    if _SURROGATE_ESCAPE.search(text) and _holds_surrogate(doc):
-        raise bad_request("request body holds a lone surrogate escape (\\ud800-\\udfff)")
-    return doc
-
-
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _holds_surrogate(doc: Any) -> bool:
-    """Whether any string in a parsed JSON document (keys too) holds a lone surrogate."""
-    stack = [doc]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            if _SURROGATE.search(v):
-                return True
-        elif isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v)
-            stack.extend(v.values())
-    return False
-
-
-def _require_model(doc: dict[str, Any]) -> None:
-    model = doc.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise bad_request("'model' is required and must be a non-empty string", "model")
-
-
-def _check_stream(doc: dict[str, Any], allowed: bool) -> bool:
-    stream = doc.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad_request("'stream' must be true or false", "stream")
-    if stream and not allowed:
-        raise bad_request(
-            "streaming is not available on /api/call.php; use /v1/chat/completions", "stream"
-        )
-    if "stream_options" in doc and not isinstance(doc["stream_options"], dict | None):
-        raise bad_request("'stream_options' must be an object", "stream_options")
-    return stream
-
-
-def validate_chat(doc: dict[str, Any], allow_stream: bool = False) -> bool:
-    """Check a chat request; return whether it asks for a stream."""
-    _require_model(doc)
-    messages = doc.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' is required and must be a non-empty list", "messages")
-    if not all(isinstance(m, dict) for m in messages):
-        raise bad_request("every item of 'messages' must be an object", "messages")
-    return _check_stream(doc, allow_stream)
-
-
-def validate_chat_stream(doc: dict[str, Any]) -> bool:
-    """/v1/chat/completions: a chat request that may stream."""
-    return validate_chat(doc, allow_stream=True)
-
-
-def validate_completion(doc: dict[str, Any]) -> bool:
-    _require_model(doc)
-    prompt = doc.get("prompt")
-    if not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
-        raise bad_request("'prompt' is required: a string or a non-empty list", "prompt")
-    return _check_stream(doc, True)
-
-
-def validate_embedding(doc: dict[str, Any]) -> bool:
-    _require_model(doc)
-    value = doc.get("input")
-    if not isinstance(value, str | list) or (isinstance(value, list) and not value):
-        raise bad_request("'input' is required: a string or a non-empty list", "input")
-    return False
-
-
 # ---------------------------------------------------------------------------------------------
-# HTTP handlers
+# HTTP handlers: the API routes
 # ---------------------------------------------------------------------------------------------
 
-
-def envelope(success: bool, message: str, data: Any) -> dict[str, Any]:
-    return {"success": success, "message": message, "data": data}
-
-
-def _compact(obj: Any) -> bytes:
-    # backslashreplace: a lone surrogate becomes its JSON escape instead of an exception.
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(
-        "utf-8", "backslashreplace"
-    )
+MAX_HEADER_BYTES = 32 * 1024  # request headers, names and values together
 
 
 FORM_BODY = 16 * 1024  # the body allowed on the admin's form and action routes
 _LENGTH = re.compile(r"[0-9]{1,15}")  # a Content-Length we act on; Tornado refuses the rest
 
 
-class BodyBudget:
-    """Bytes of request bodies held in memory at once, all requests together.
-
-    A body is counted from the moment it is admitted (its Content-Length, or each chunk as
-    it arrives) until its request has been answered; past --max-body-memory the request is
-    refused with 503, so concurrent uploads cannot take the process's memory.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self, n: int) -> bool:
-        if self.used + n > self.limit:
-            return False
-        self.used += n
-        return True
-
-    def give(self, n: int) -> None:
-        self.used -= n
+def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
+    """The answer to an exception raised under a handler: the one place where failures
+    become responses (write_error renders it in the route's shape)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, QuotaExceeded):
+        if exc.reason == "corrupt":
+            return GatewayError(
+                500,
+                MSG_SERVER_ERROR,
+                {"error": "this user's usage records are unreadable; see the gateway log"},
+            )
+        user, c = exc.user, exc.counts
+        return GatewayError(
+            429,
+            MSG_REQUEST_LIMIT if exc.reason == "requests" else MSG_TOKEN_LIMIT,
+            {
+                "daily_request_count": c.requests + c.reserved,
+                "daily_request_limit": user.daily_request_limit,
+                "daily_token_count": c.tokens,
+                "daily_token_limit": user.daily_token_limit,
+            },
+            {"Retry-After": str(clock.seconds_to_midnight())},
+        )
+    if isinstance(exc, UpstreamFailure):
+        return GatewayError(502, MSG_UPSTREAM, {"upstream_status": exc.status, "error": exc.error})
+    if isinstance(exc, StoreError):
+        return GatewayError(
+            500,
+            MSG_SERVER_ERROR,
+            {"error": "the usage store cannot be written; see the gateway log"},
+        )
+    if isinstance(exc, ConfigError):
+        return GatewayError(500, MSG_SERVER_ERROR, {"error": str(exc)})
+    return None
 
 
 @tornado.web.stream_request_body
@@ -3028,43 +3395,6 @@ class BaseHandler(tornado.web.RequestHandler):
         )
 
 
-def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
-    """The answer to an exception raised under a handler: the one place where failures
-    become responses (write_error renders it in the route's shape)."""
-    if isinstance(exc, GatewayError):
-        return exc
-    if isinstance(exc, QuotaExceeded):
-        if exc.reason == "corrupt":
-            return GatewayError(
-                500,
-                MSG_SERVER_ERROR,
-                {"error": "this user's usage records are unreadable; see the gateway log"},
-            )
-        user, c = exc.user, exc.counts
-        return GatewayError(
-            429,
-            MSG_REQUEST_LIMIT if exc.reason == "requests" else MSG_TOKEN_LIMIT,
-            {
-                "daily_request_count": c.requests + c.reserved,
-                "daily_request_limit": user.daily_request_limit,
-                "daily_token_count": c.tokens,
-                "daily_token_limit": user.daily_token_limit,
-            },
-            {"Retry-After": str(clock.seconds_to_midnight())},
-        )
-    if isinstance(exc, UpstreamFailure):
-        return GatewayError(502, MSG_UPSTREAM, {"upstream_status": exc.status, "error": exc.error})
-    if isinstance(exc, StoreError):
-        return GatewayError(
-            500,
-            MSG_SERVER_ERROR,
-            {"error": "the usage store cannot be written; see the gateway log"},
-        )
-    if isinstance(exc, ConfigError):
-        return GatewayError(500, MSG_SERVER_ERROR, {"error": str(exc)})
-    return None
-
-
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:  # any method, any headers: the route does not exist
         raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path[:200]})
@@ -3177,35 +3507,6 @@ class CallHandler(RelayHandler):
         )
 
 
-# OpenAI's error `type` and our `code` for each status / contract message.
-_OPENAI_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    431: "invalid_request_error",
-    429: "rate_limit_error",
-    502: "upstream_error",
-}
-_OPENAI_CODES = {
-    MSG_BAD_REQUEST: "invalid_request",
-    MSG_BAD_KEY: "invalid_api_key",
-    MSG_REQUEST_LIMIT: "daily_request_limit_exceeded",
-    MSG_TOKEN_LIMIT: "daily_token_limit_exceeded",
-    MSG_SERVER_ERROR: "configuration_error",
-    MSG_UPSTREAM: "upstream_error",
-    MSG_QUEUE_FULL: "queue_full",
-    MSG_NOT_FOUND: "not_found",
-    MSG_METHOD: "method_not_allowed",
-    MSG_TOO_LARGE: "request_too_large",
-    MSG_HEADERS_TOO_LARGE: "headers_too_large",
-    MSG_INTERNAL: "internal_error",
-    MSG_STOPPING: "shutting_down",
-    MSG_TOO_MANY: "too_many_requests",
-}
-
-
 def bearer_token(request: tornado.httputil.HTTPServerRequest) -> str | None:
     """The token of an `Authorization: Bearer …` header, if there is one."""
     auth = request.headers.get("Authorization", "")
@@ -3303,234 +3604,9 @@ class OpenAINotFoundHandler(OpenAIHandler):
         raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no route {self.request.path[:200]}"})
 
 
-class DemoModelHandler(BaseHandler):
-    """--demo only: a local stand-in for an OpenAI-compatible upstream."""
-
-    budgeted = True
-
-    def initialize(self, relay: Relay) -> None:
-        super().initialize(relay)
-        self.body_limit = relay.config.max_body_size
-
-    async def post(self, endpoint: str) -> None:
-        try:
-            request = json.loads(self.body())
-            text = _prompt_text(request)
-        except (ValueError, AttributeError):
-            self.send_json(
-                {"error": {"message": "bad request", "type": "invalid_request_error"}}, 400
-            )
-            return
-        model = str(request.get("model", "demo"))
-        prompt = estimate_tokens(text)
-        if endpoint == "embeddings":
-            digest = hashlib.sha256(text.encode()).digest()
-            vector = [round(b / 255 - 0.5, 4) for b in digest[:16]]
-            self.send_json(
-                {
-                    "object": "list",
-                    "data": [{"object": "embedding", "index": 0, "embedding": vector}],
-                    "model": model,
-                    "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
-                }
-            )
-            return
-        last = _text_of(request["messages"][-1]) if endpoint == "chat/completions" else text
-        content = f"你好!我是演示模型 (demo mock model). You said: {last[:200]}"
-        completion = estimate_tokens(content)
-        usage = {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
-        chat = endpoint == "chat/completions"
-        base = {
-            "id": "chatcmpl-demo" + secrets.token_hex(8),
-            "created": int(time.time()),
-            "model": model,
-        }
-        if not request.get("stream"):
-            choice = (
-                {"message": {"role": "assistant", "content": content}}
-                if chat
-                else {"text": content}
-            )
-            kind = "chat.completion" if chat else "text_completion"
-            self.send_json(
-                {
-                    **base,
-                    "object": kind,
-                    "choices": [{"index": 0, **choice, "finish_reason": "stop"}],
-                    "usage": usage,
-                }
-            )
-            return
-        self.set_header("Content-Type", "text/event-stream")
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        words = re.findall(r"\S+\s*", content)
-        for n, word in enumerate(words):
-            piece = {"delta": {"content": word}} if chat else {"text": word}
-            finish = "stop" if n == len(words) - 1 else None
-            chunk = {
-                **base,
-                "object": kind,
-                "choices": [{"index": 0, **piece, "finish_reason": finish}],
-            }
-            self.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
-            await self.flush()
-            await asyncio.sleep(0.02)
-        options = request.get("stream_options") or {}
-        if options.get("include_usage"):
-            chunk = {**base, "object": kind, "choices": [], "usage": usage}
-            self.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        self.finish(b"data: [DONE]\n\n")
-
-    def get(self, endpoint: str) -> None:
-        if endpoint != "models":
-            raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path})
-        self.send_json(
-            {
-                "object": "list",
-                "data": [{"id": "demo", "object": "model", "created": 0, "owned_by": "demo"}],
-            }
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Operating: /metrics and the /admin dashboard (both off without --admin-key)
 # ---------------------------------------------------------------------------------------------
-
-ADMIN_COOKIE = "gateway_admin"
-ADMIN_SESSION_DAYS = 0.5  # a login lasts 12 hours
-HISTORY_DAYS = 14
-# Failed admin-key checks: per source address and for the whole process, per minute.
-ADMIN_GUESSES_PER_ADDRESS = 5
-ADMIN_GUESSES_TOTAL = 20
-
-
-def admin_cookie_secret(admin_key: str) -> str:
-    """Signs admin cookies; follows the admin key, so changing the key ends every login."""
-    if not admin_key:
-        return secrets.token_hex(32)
-    return hmac.new(admin_key.encode(), b"gateway admin cookie", hashlib.sha256).hexdigest()
-
-
-class GuessThrottle:
-    """Bounds failed admin-key checks per source address and overall, whatever the concurrency.
-
-    A token bucket each: `per_address` failures a minute from one address and `total` from
-    all, refilling evenly. While a bucket is empty, a presented key is not even compared (the
-    answer is 429), so the number of keys tried per minute is bounded however many requests
-    arrive at once. A logged-in admin keeps working; the command line always does.
-    """
-
-    MAX_ADDRESSES = 10_000
-
-    def __init__(
-        self,
-        per_address: int = ADMIN_GUESSES_PER_ADDRESS,
-        total: int = ADMIN_GUESSES_TOTAL,
-        now: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.per_address = per_address
-        self.total = total
-        self.now = now
-        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
-
-    def _level(self, name: str, size: int) -> float:
-        """Tokens in a bucket now (a bucket never seen is full)."""
-        tokens, at = self._buckets.get(name, (float(size), 0.0))
-        return min(float(size), tokens + (self.now() - at) * size / 60.0)
-
-    def retry_after(self, address: str) -> int:
-        """0 if a key from this address may be checked now, else seconds to wait."""
-        wait = 0.0
-        for name, size in (("", self.total), ("@" + address, self.per_address)):
-            missing = 1.0 - self._level(name, size)
-            if missing > 0:
-                wait = max(wait, missing * 60.0 / size)
-        return math.ceil(wait)
-
-    def failed(self, address: str) -> None:
-        now = self.now()
-        for name, size in (("", self.total), ("@" + address, self.per_address)):
-            self._buckets[name] = (self._level(name, size) - 1.0, now)
-            self._buckets.move_to_end(name)
-        while len(self._buckets) > self.MAX_ADDRESSES:
-            self._buckets.popitem(last=False)  # the longest quiet: refilled by now
-
-
-class AdminSessions:
-    """Admin logins that the server can end: logout and expiry are decided here, not by the
-    cookie. data/admin-sessions.json maps the SHA-256 of each session id to its expiry, so
-    the file holds nothing that logs anyone in, and every process on the data dir shares it
-    (re-read when it changes)."""
-
-    def __init__(self, data_dir: str, now: Callable[[], float], lifetime: float) -> None:
-        self.path = Path(data_dir) / "admin-sessions.json"
-        self.now = now
-        self.lifetime = lifetime
-        self._sessions: dict[str, float] = {}
-        self._stamp: tuple[int, int, int] | None = None
-
-    @staticmethod
-    def _digest(sid: str) -> str:
-        return hashlib.sha256(sid.encode("utf-8", "surrogateescape")).hexdigest()
-
-    def _read(self) -> dict[str, float]:
-        try:
-            st = os.stat(self.path, follow_symlinks=False)
-        except FileNotFoundError:
-            self._sessions, self._stamp = {}, None
-            return self._sessions
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp != self._stamp:
-            try:
-                doc = json.loads(read_private(self.path))
-                self._sessions = {
-                    str(k): float(v) for k, v in doc.items() if isinstance(v, int | float)
-                }
-            except (ValueError, AttributeError, OSError) as e:
-                log.error(
-                    "admin sessions in %s unreadable (%s): everyone logs in again", self.path, e
-                )
-                self._sessions = {}
-            self._stamp = stamp
-        return self._sessions
-
-    def _change(self, edit: Callable[[dict[str, float]], None]) -> None:
-        try:
-            lock = file_lock(self.path.with_name(".admin-sessions.lock"))
-            with lock.acquire(timeout=5):
-                self._stamp = None
-                now = self.now()
-                sessions = {k: t for k, t in self._read().items() if t > now}
-                edit(sessions)
-                atomic_write(self.path, json.dumps(sessions, indent=1).encode())
-                self._stamp = None
-        except (OSError, filelock.Timeout) as e:
-            raise StoreError(f"cannot update {self.path}: {e}") from None
-
-    def create(self) -> str:
-        sid = secrets.token_urlsafe(32)
-        expires = self.now() + self.lifetime
-        self._change(lambda sessions: sessions.__setitem__(self._digest(sid), expires))
-        return sid
-
-    def valid(self, sid: str) -> bool:
-        try:
-            expires = self._read().get(self._digest(sid))
-        except OSError:
-            return False
-        return expires is not None and expires > self.now()
-
-    def end(self, sid: str) -> None:
-        digest = self._digest(sid)
-
-        def drop(sessions: dict[str, float]) -> None:
-            sessions.pop(digest, None)
-
-        self._change(drop)
 
 
 class AdminBase(BaseHandler):
@@ -3752,6 +3828,108 @@ class MetricsHandler(AdminBase):
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(relay.metrics.render(gauges))
 
+
+# ---------------------------------------------------------------------------------------------
+# Demo upstream (--demo): a mock OpenAI-compatible model
+# ---------------------------------------------------------------------------------------------
+
+
+class DemoModelHandler(BaseHandler):
+    """--demo only: a local stand-in for an OpenAI-compatible upstream."""
+
+    budgeted = True
+
+    def initialize(self, relay: Relay) -> None:
+        super().initialize(relay)
+        self.body_limit = relay.config.max_body_size
+
+    async def post(self, endpoint: str) -> None:
+        try:
+            request = json.loads(self.body())
+            text = _prompt_text(request)
+        except (ValueError, AttributeError):
+            self.send_json(
+                {"error": {"message": "bad request", "type": "invalid_request_error"}}, 400
+            )
+            return
+        model = str(request.get("model", "demo"))
+        prompt = estimate_tokens(text)
+        if endpoint == "embeddings":
+            digest = hashlib.sha256(text.encode()).digest()
+            vector = [round(b / 255 - 0.5, 4) for b in digest[:16]]
+            self.send_json(
+                {
+                    "object": "list",
+                    "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+                    "model": model,
+                    "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+                }
+            )
+            return
+        last = _text_of(request["messages"][-1]) if endpoint == "chat/completions" else text
+        content = f"你好!我是演示模型 (demo mock model). You said: {last[:200]}"
+        completion = estimate_tokens(content)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        chat = endpoint == "chat/completions"
+        base = {
+            "id": "chatcmpl-demo" + secrets.token_hex(8),
+            "created": int(time.time()),
+            "model": model,
+        }
+        if not request.get("stream"):
+            choice = (
+                {"message": {"role": "assistant", "content": content}}
+                if chat
+                else {"text": content}
+            )
+            kind = "chat.completion" if chat else "text_completion"
+            self.send_json(
+                {
+                    **base,
+                    "object": kind,
+                    "choices": [{"index": 0, **choice, "finish_reason": "stop"}],
+                    "usage": usage,
+                }
+            )
+            return
+        self.set_header("Content-Type", "text/event-stream")
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        words = re.findall(r"\S+\s*", content)
+        for n, word in enumerate(words):
+            piece = {"delta": {"content": word}} if chat else {"text": word}
+            finish = "stop" if n == len(words) - 1 else None
+            chunk = {
+                **base,
+                "object": kind,
+                "choices": [{"index": 0, **piece, "finish_reason": finish}],
+            }
+            self.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
+            await self.flush()
+            await asyncio.sleep(0.02)
+        options = request.get("stream_options") or {}
+        if options.get("include_usage"):
+            chunk = {**base, "object": kind, "choices": [], "usage": usage}
+            self.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        self.finish(b"data: [DONE]\n\n")
+
+    def get(self, endpoint: str) -> None:
+        if endpoint != "models":
+            raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path})
+        self.send_json(
+            {
+                "object": "list",
+                "data": [{"id": "demo", "object": "model", "created": 0, "owned_by": "demo"}],
+            }
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Assets: the dashboard's HTML, CSS and JavaScript
+# ---------------------------------------------------------------------------------------------
 
 _PAGE_HEAD = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -4008,7 +4186,278 @@ setInterval(refresh, 2000);
 
 
 # ---------------------------------------------------------------------------------------------
-# Application
+# Administration commands: python gateway.py user … | usage …
+# ---------------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFIG = 0, 1, 2
+
+
+class AdminError(Exception):
+    """A command that cannot be done as asked (unknown user, duplicate…): exit status 1."""
+
+
+def _admin_parser() -> argparse.ArgumentParser:
+    # Accepted before or after the action; SUPPRESS keeps a later parser's default from
+    # overwriting a value given earlier.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--users-file", help="users file (GATEWAY_USERS_FILE; users.yaml)")
+    common.add_argument("--data-dir", help="data directory (GATEWAY_DATA_DIR; data)")
+    common.add_argument(
+        "--timezone", help="IANA zone for 'today', as the gateway's (GATEWAY_TIMEZONE)"
+    )
+    formats = ("table", "csv", "json")
+    top = argparse.ArgumentParser(
+        prog="gateway.py", description="Manage users and read usage; see README 'Operating'."
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+    user = sub.add_parser("user", help="manage users in users.yaml", parents=[common])
+    actions = user.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add a user; prints the new key once", parents=[common])
+    add.add_argument("name")
+    for p in (add, actions.add_parser("limits", help="set daily limits", parents=[common])):
+        if p is not add:
+            p.add_argument("name")
+        p.add_argument("--requests", type=int, help="daily request limit (default: defaults)")
+        p.add_argument("--tokens", type=int, help="daily token limit (default: defaults)")
+    lst = actions.add_parser("list", help="users, limits and today's usage", parents=[common])
+    lst.add_argument("--format", choices=formats, default="table")
+    for action, text in (
+        ("disable", "refuse the user's key (401) until enabled"),
+        ("enable", "accept the user's key again"),
+        ("rotate", "new key (printed once); the old one stops working"),
+        ("remove", "delete the user from users.yaml (their usage records stay)"),
+        ("reset", "zero today's counters (calls in flight are still charged)"),
+    ):
+        actions.add_parser(action, help=text, parents=[common]).add_argument("name")
+    usage = sub.add_parser("usage", help="requests and tokens per user per day", parents=[common])
+    when = usage.add_mutually_exclusive_group()
+    when.add_argument("--date", help="one day, YYYY-MM-DD")
+    when.add_argument("--days", type=int, default=1, help="the last N days up to today (1)")
+    usage.add_argument("--user", help="only this user")
+    usage.add_argument("--format", choices=formats, default="table")
+    return top
+
+
+def _emit(rows: list[dict[str, Any]], fmt: str, columns: list[str]) -> str:
+    if fmt == "json":
+        return json.dumps(rows, ensure_ascii=False, indent=2)
+    rows = [
+        {k: ("yes" if v else "no") if type(v) is bool else v for k, v in r.items()} for r in rows
+    ]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().rstrip("\n")
+    cells = [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(
+            v.rjust(w) if i else v.ljust(w)
+            for i, (v, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in cells
+    )
+
+
+_LIST_COLUMNS = (
+    "name",
+    "enabled",
+    "requests_today",
+    "request_limit",
+    "requests_left",
+    "tokens_today",
+    "token_limit",
+    "tokens_left",
+)
+
+
+class Admin:
+    """The `user` and `usage` commands, on the same files a running gateway uses."""
+
+    def __init__(self, users_file: str, data_dir: str, timezone: str) -> None:
+        self.users_file = users_file
+        self.clock = DayClock(Config(timezone=timezone).tz())
+        self.store = JournalStore(data_dir, self.clock)
+
+    def _users(self) -> dict[str, User]:
+        try:
+            text = Path(self.users_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {self.users_file}: {e}") from None
+        try:
+            return parse_users(text, demo=True)
+        except ConfigError as e:
+            raise ConfigError(f"{self.users_file}: {e}") from None
+
+    def _edit(self, name: str, change: Callable[[UsersEdit], None]) -> dict[str, User]:
+        def checked(edit: UsersEdit) -> None:
+            if name not in edit.names():
+                raise AdminError(f"no user {name!r} in {self.users_file}")
+            change(edit)
+
+        return edit_users_file(self.users_file, checked)
+
+    def add(self, name: str, requests: int | None, tokens: int | None) -> str:
+        if not valid_name(name):
+            raise ConfigError(f"user name {name!r}: 1-64 printable characters, no quotes")
+        key = new_api_key()
+        fields = {"api_key_sha256": key_digest(key)}
+        if requests is not None:
+            fields["daily_request_limit"] = str(_limit(requests, "--requests"))
+        if tokens is not None:
+            fields["daily_token_limit"] = str(_limit(tokens, "--tokens"))
+
+        def change(edit: UsersEdit) -> None:
+            if name in edit.names():
+                raise AdminError(f"user {name!r} already exists in {self.users_file}")
+            edit.add(name, fields)
+
+        edit_users_file(self.users_file, change)
+        return key
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        self._edit(name, lambda e: e.set(name, "enabled", "true" if enabled else "false"))
+
+    def limits(self, name: str, requests: int | None, tokens: int | None) -> User:
+        if requests is None and tokens is None:
+            raise ConfigError("give --requests N, --tokens N or both")
+
+        def change(edit: UsersEdit) -> None:
+            if requests is not None:
+                edit.set(name, "daily_request_limit", str(_limit(requests, "--requests")))
+            if tokens is not None:
+                edit.set(name, "daily_token_limit", str(_limit(tokens, "--tokens")))
+
+        return self._edit(name, change)[name]
+
+    def remove(self, name: str) -> None:
+        self._edit(name, lambda e: e.remove(name))
+
+    def rotate(self, name: str) -> str:
+        key = new_api_key()
+        self._edit(name, lambda e: e.set(name, "api_key_sha256", key_digest(key), "api_key"))
+        return key
+
+    async def reset(self, name: str) -> Counts:
+        if name not in self._users():
+            raise AdminError(f"no user {name!r} in {self.users_file}")
+        day = self.clock.today()
+        before = self.counts(day).get(name, Counts())
+        try:
+            make_private_dir(self.store.root)
+        except OSError as e:
+            raise StoreError(f"cannot create {self.store.root}: {e.strerror}") from None
+        await self.store.reset(name, day)
+        return before
+
+    def counts(self, day: str) -> dict[str, Counts]:
+        """Counts against the limits on a day; reads only, creates no file."""
+        if not (self.store.root / f"{day}.jsonl").exists():
+            return {}
+        ledger = self.store._ledger(day)
+        ledger.catch_up()
+        return {u: c.copy() for u, c in ledger.counters.items()}
+
+    def list_rows(self) -> list[dict[str, Any]]:
+        counts = self.counts(self.clock.today())
+        rows = []
+        for u in self._users().values():
+            c = counts.get(u.name, Counts())
+            requests_left, tokens_left = remaining(u, c)
+            rows.append(
+                {
+                    "name": u.name,
+                    "enabled": u.enabled,
+                    "requests_today": c.requests + c.reserved,
+                    "request_limit": u.daily_request_limit,
+                    "requests_left": requests_left,
+                    "tokens_today": c.tokens,
+                    "token_limit": u.daily_token_limit,
+                    "tokens_left": tokens_left,
+                }
+            )
+        return rows
+
+    def usage_rows(self, days: list[str], user: str | None) -> list[dict[str, Any]]:
+        rows = []
+        for day in days:
+            for name, (requests, tokens) in sorted(self.store.usage(day).items()):
+                if user is None or name == user:
+                    rows.append({"date": day, "user": name, "requests": requests, "tokens": tokens})
+        return rows
+
+    def days(self, on: str | None, last: int) -> list[str]:
+        if on is not None:
+            try:
+                return [date.fromisoformat(on).isoformat()]
+            except ValueError:
+                raise ConfigError(f"--date {on!r} is not YYYY-MM-DD") from None
+        if not 1 <= last <= 3660:
+            raise ConfigError("--days must be 1..3660")
+        today = date.fromisoformat(self.clock.today())
+        return [(today - timedelta(days=n)).isoformat() for n in range(last - 1, -1, -1)]
+
+
+def admin_main(argv: list[str], env: dict[str, str]) -> int:
+    """Run one administration command; exit 0 done, 1 not found or duplicate, 2 bad input."""
+    args = _admin_parser().parse_args(argv)
+    given = vars(args)
+    out = sys.stdout
+    try:
+        admin = Admin(
+            given.get("users_file") or env.get("GATEWAY_USERS_FILE") or Config.users_file,
+            given.get("data_dir") or env.get("GATEWAY_DATA_DIR") or Config.data_dir,
+            given.get("timezone") or env.get("GATEWAY_TIMEZONE") or Config.timezone,
+        )
+        if args.command == "usage":
+            rows = admin.usage_rows(admin.days(args.date, args.days), args.user)
+            print(_emit(rows, args.format, ["date", "user", "requests", "tokens"]), file=out)
+            return EXIT_OK
+        action, name = args.action, str(getattr(args, "name", ""))
+        if action == "add":
+            key = admin.add(name, args.requests, args.tokens)
+            print(f"added user {name!r}; their API key (shown only now):", file=sys.stderr)
+            print(key, file=out)
+        elif action == "rotate":
+            key = admin.rotate(name)
+            print(f"new API key for {name!r} (the old one stops working):", file=sys.stderr)
+            print(key, file=out)
+        elif action in ("disable", "enable"):
+            admin.set_enabled(name, action == "enable")
+            print(f"user {name!r} {action}d", file=out)
+        elif action == "remove":
+            admin.remove(name)
+            print(f"user {name!r} removed", file=out)
+        elif action == "limits":
+            u = admin.limits(name, args.requests, args.tokens)
+            print(
+                f"user {name!r}: {u.daily_request_limit} requests, "
+                f"{u.daily_token_limit} tokens a day",
+                file=out,
+            )
+        elif action == "reset":
+            before = asyncio.run(admin.reset(name))
+            print(
+                f"user {name!r}: today's counters reset "
+                f"(were {before.requests} requests, {before.tokens} tokens)",
+                file=out,
+            )
+        else:
+            columns = list(_LIST_COLUMNS)
+            print(_emit(admin.list_rows(), args.format, columns), file=out)
+    except AdminError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except (ConfigError, StoreError) as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Main: routes, the HTTP server, the running service, the command line
 # ---------------------------------------------------------------------------------------------
 
 
@@ -4204,404 +4653,6 @@ class Gateway:
         assert self.relay is not None
         await self.relay.queue.drain()
         await self.relay.idle.wait()
-
-
-# ---------------------------------------------------------------------------------------------
-# Administration commands: python gateway.py user … | usage …
-# ---------------------------------------------------------------------------------------------
-
-EXIT_OK, EXIT_NOT_FOUND, EXIT_CONFIG = 0, 1, 2
-
-
-class AdminError(Exception):
-    """A command that cannot be done as asked (unknown user, duplicate…): exit status 1."""
-
-
-def _admin_parser() -> argparse.ArgumentParser:
-    # Accepted before or after the action; SUPPRESS keeps a later parser's default from
-    # overwriting a value given earlier.
-    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    common.add_argument("--users-file", help="users file (GATEWAY_USERS_FILE; users.yaml)")
-    common.add_argument("--data-dir", help="data directory (GATEWAY_DATA_DIR; data)")
-    common.add_argument(
-        "--timezone", help="IANA zone for 'today', as the gateway's (GATEWAY_TIMEZONE)"
-    )
-    formats = ("table", "csv", "json")
-    top = argparse.ArgumentParser(
-        prog="gateway.py", description="Manage users and read usage; see README 'Operating'."
-    )
-    sub = top.add_subparsers(dest="command", required=True)
-    user = sub.add_parser("user", help="manage users in users.yaml", parents=[common])
-    actions = user.add_subparsers(dest="action", required=True)
-    add = actions.add_parser("add", help="add a user; prints the new key once", parents=[common])
-    add.add_argument("name")
-    for p in (add, actions.add_parser("limits", help="set daily limits", parents=[common])):
-        if p is not add:
-            p.add_argument("name")
-        p.add_argument("--requests", type=int, help="daily request limit (default: defaults)")
-        p.add_argument("--tokens", type=int, help="daily token limit (default: defaults)")
-    lst = actions.add_parser("list", help="users, limits and today's usage", parents=[common])
-    lst.add_argument("--format", choices=formats, default="table")
-    for action, text in (
-        ("disable", "refuse the user's key (401) until enabled"),
-        ("enable", "accept the user's key again"),
-        ("rotate", "new key (printed once); the old one stops working"),
-        ("remove", "delete the user from users.yaml (their usage records stay)"),
-        ("reset", "zero today's counters (calls in flight are still charged)"),
-    ):
-        actions.add_parser(action, help=text, parents=[common]).add_argument("name")
-    usage = sub.add_parser("usage", help="requests and tokens per user per day", parents=[common])
-    when = usage.add_mutually_exclusive_group()
-    when.add_argument("--date", help="one day, YYYY-MM-DD")
-    when.add_argument("--days", type=int, default=1, help="the last N days up to today (1)")
-    usage.add_argument("--user", help="only this user")
-    usage.add_argument("--format", choices=formats, default="table")
-    return top
-
-
-def _emit(rows: list[dict[str, Any]], fmt: str, columns: list[str]) -> str:
-    if fmt == "json":
-        return json.dumps(rows, ensure_ascii=False, indent=2)
-    rows = [
-        {k: ("yes" if v else "no") if type(v) is bool else v for k, v in r.items()} for r in rows
-    ]
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return out.getvalue().rstrip("\n")
-    cells = [columns] + [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    return "\n".join(
-        "  ".join(
-            v.rjust(w) if i else v.ljust(w)
-            for i, (v, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in cells
-    )
-
-
-class Admin:
-    """The `user` and `usage` commands, on the same files a running gateway uses."""
-
-    def __init__(self, users_file: str, data_dir: str, timezone: str) -> None:
-        self.users_file = users_file
-        self.clock = DayClock(Config(timezone=timezone).tz())
-        self.store = JournalStore(data_dir, self.clock)
-
-    def _users(self) -> dict[str, User]:
-        try:
-            text = Path(self.users_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read {self.users_file}: {e}") from None
-        try:
-            return parse_users(text, demo=True)
-        except ConfigError as e:
-            raise ConfigError(f"{self.users_file}: {e}") from None
-
-    def _edit(self, name: str, change: Callable[[UsersEdit], None]) -> dict[str, User]:
-        def checked(edit: UsersEdit) -> None:
-            if name not in edit.names():
-                raise AdminError(f"no user {name!r} in {self.users_file}")
-            change(edit)
-
-        return edit_users_file(self.users_file, checked)
-
-    def add(self, name: str, requests: int | None, tokens: int | None) -> str:
-        if not valid_name(name):
-            raise ConfigError(f"user name {name!r}: 1-64 printable characters, no quotes")
-        key = new_api_key()
-        fields = {"api_key_sha256": key_digest(key)}
-        if requests is not None:
-            fields["daily_request_limit"] = str(_limit(requests, "--requests"))
-        if tokens is not None:
-            fields["daily_token_limit"] = str(_limit(tokens, "--tokens"))
-
-        def change(edit: UsersEdit) -> None:
-            if name in edit.names():
-                raise AdminError(f"user {name!r} already exists in {self.users_file}")
-            edit.add(name, fields)
-
-        edit_users_file(self.users_file, change)
-        return key
-
-    def set_enabled(self, name: str, enabled: bool) -> None:
-        self._edit(name, lambda e: e.set(name, "enabled", "true" if enabled else "false"))
-
-    def limits(self, name: str, requests: int | None, tokens: int | None) -> User:
-        if requests is None and tokens is None:
-            raise ConfigError("give --requests N, --tokens N or both")
-
-        def change(edit: UsersEdit) -> None:
-            if requests is not None:
-                edit.set(name, "daily_request_limit", str(_limit(requests, "--requests")))
-            if tokens is not None:
-                edit.set(name, "daily_token_limit", str(_limit(tokens, "--tokens")))
-
-        return self._edit(name, change)[name]
-
-    def remove(self, name: str) -> None:
-        self._edit(name, lambda e: e.remove(name))
-
-    def rotate(self, name: str) -> str:
-        key = new_api_key()
-        self._edit(name, lambda e: e.set(name, "api_key_sha256", key_digest(key), "api_key"))
-        return key
-
-    async def reset(self, name: str) -> Counts:
-        if name not in self._users():
-            raise AdminError(f"no user {name!r} in {self.users_file}")
-        day = self.clock.today()
-        before = self.counts(day).get(name, Counts())
-        try:
-            make_private_dir(self.store.root)
-        except OSError as e:
-            raise StoreError(f"cannot create {self.store.root}: {e.strerror}") from None
-        await self.store.reset(name, day)
-        return before
-
-    def counts(self, day: str) -> dict[str, Counts]:
-        """Counts against the limits on a day; reads only, creates no file."""
-        if not (self.store.root / f"{day}.jsonl").exists():
-            return {}
-        ledger = self.store._ledger(day)
-        ledger.catch_up()
-        return {u: c.copy() for u, c in ledger.counters.items()}
-
-    def list_rows(self) -> list[dict[str, Any]]:
-        counts = self.counts(self.clock.today())
-        rows = []
-        for u in self._users().values():
-            c = counts.get(u.name, Counts())
-            requests_left, tokens_left = remaining(u, c)
-            rows.append(
-                {
-                    "name": u.name,
-                    "enabled": u.enabled,
-                    "requests_today": c.requests + c.reserved,
-                    "request_limit": u.daily_request_limit,
-                    "requests_left": requests_left,
-                    "tokens_today": c.tokens,
-                    "token_limit": u.daily_token_limit,
-                    "tokens_left": tokens_left,
-                }
-            )
-        return rows
-
-    def usage_rows(self, days: list[str], user: str | None) -> list[dict[str, Any]]:
-        rows = []
-        for day in days:
-            for name, (requests, tokens) in sorted(self.store.usage(day).items()):
-                if user is None or name == user:
-                    rows.append({"date": day, "user": name, "requests": requests, "tokens": tokens})
-        return rows
-
-    def days(self, on: str | None, last: int) -> list[str]:
-        if on is not None:
-            try:
-                return [date.fromisoformat(on).isoformat()]
-            except ValueError:
-                raise ConfigError(f"--date {on!r} is not YYYY-MM-DD") from None
-        if not 1 <= last <= 3660:
-            raise ConfigError("--days must be 1..3660")
-        today = date.fromisoformat(self.clock.today())
-        return [(today - timedelta(days=n)).isoformat() for n in range(last - 1, -1, -1)]
-
-
-def admin_main(argv: list[str], env: dict[str, str]) -> int:
-    """Run one administration command; exit 0 done, 1 not found or duplicate, 2 bad input."""
-    args = _admin_parser().parse_args(argv)
-    given = vars(args)
-    out = sys.stdout
-    try:
-        admin = Admin(
-            given.get("users_file") or env.get("GATEWAY_USERS_FILE") or Config.users_file,
-            given.get("data_dir") or env.get("GATEWAY_DATA_DIR") or Config.data_dir,
-            given.get("timezone") or env.get("GATEWAY_TIMEZONE") or Config.timezone,
-        )
-        if args.command == "usage":
-            rows = admin.usage_rows(admin.days(args.date, args.days), args.user)
-            print(_emit(rows, args.format, ["date", "user", "requests", "tokens"]), file=out)
-            return EXIT_OK
-        action, name = args.action, str(getattr(args, "name", ""))
-        if action == "add":
-            key = admin.add(name, args.requests, args.tokens)
-            print(f"added user {name!r}; their API key (shown only now):", file=sys.stderr)
-            print(key, file=out)
-        elif action == "rotate":
-            key = admin.rotate(name)
-            print(f"new API key for {name!r} (the old one stops working):", file=sys.stderr)
-            print(key, file=out)
-        elif action in ("disable", "enable"):
-            admin.set_enabled(name, action == "enable")
-            print(f"user {name!r} {action}d", file=out)
-        elif action == "remove":
-            admin.remove(name)
-            print(f"user {name!r} removed", file=out)
-        elif action == "limits":
-            u = admin.limits(name, args.requests, args.tokens)
-            print(
-                f"user {name!r}: {u.daily_request_limit} requests, "
-                f"{u.daily_token_limit} tokens a day",
-                file=out,
-            )
-        elif action == "reset":
-            before = asyncio.run(admin.reset(name))
-            print(
-                f"user {name!r}: today's counters reset "
-                f"(were {before.requests} requests, {before.tokens} tokens)",
-                file=out,
-            )
-        else:
-            columns = list(_LIST_COLUMNS)
-            print(_emit(admin.list_rows(), args.format, columns), file=out)
-    except AdminError as e:
-        print(f"gateway: {e}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except (ConfigError, StoreError) as e:
-        print(f"gateway: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    return EXIT_OK
-
-
-_LIST_COLUMNS = (
-    "name",
-    "enabled",
-    "requests_today",
-    "request_limit",
-    "requests_left",
-    "tokens_today",
-    "token_limit",
-    "tokens_left",
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def define_options() -> tornado.options.OptionParser:
-    """The options; each is also read from GATEWAY_<NAME> (e.g. GATEWAY_QUEUE_SIZE)."""
-    d = Config()
-    p = tornado.options.OptionParser()
-    p.define("host", d.host, str, "address to listen on; 0.0.0.0 for all interfaces")
-    p.define("port", d.port, int, "port to listen on")
-    p.define("users-file", d.users_file, str, "users file, reloaded when it changes")
-    p.define("data-dir", d.data_dir, str, "directory for counters (YYYY-MM-DD.jsonl/.json)")
-    p.define("upstream-base-url", d.upstream_base_url, str, "OpenAI-compatible base URL")
-    p.define(
-        "upstream-api-key",
-        d.upstream_api_key,
-        str,
-        "the team's upstream key (also UPSTREAM_API_KEY or OPENAI_API_KEY); "
-        "empty: calls answer 500 and status shows api_key_configured false",
-    )
-    p.define("upstream-timeout", d.upstream_timeout, float, "seconds for a whole upstream call")
-    p.define("upstream-connect-timeout", d.upstream_connect_timeout, float, "seconds to connect")
-    p.define(
-        "queue-size",
-        d.queue_size,
-        int,
-        "calls that may wait for a worker; 0 turns the queue off (busy workers -> 503)",
-    )
-    p.define("concurrency", d.concurrency, int, "upstream calls in flight at once (workers)")
-    p.define("timezone", d.timezone, str, "IANA zone for 'today'; empty: the machine's zone")
-    p.define("max-body-size", d.max_body_size, int, "largest request body in bytes (else 413)")
-    p.define("demo", d.demo, bool, "answer with a built-in mock model; enables demo_only users")
-    p.define(
-        "fsync",
-        d.fsync,
-        bool,
-        "fsync each charge before answering (survives power loss; slower). "
-        "false: a process crash loses nothing, a power loss may lose the last seconds",
-    )
-    p.define("reload-interval", d.reload_interval, float, "seconds between users-file checks")
-    p.define(
-        "idle-timeout", d.idle_timeout, float, "seconds an idle or slow-header connection lives"
-    )
-    p.define("body-timeout", d.body_timeout, float, "seconds allowed to send a request body")
-    p.define("shutdown-timeout", d.shutdown_timeout, float, "seconds to finish calls on SIGTERM")
-    p.define("xheaders", d.xheaders, bool, "trust X-Forwarded-For/X-Real-Ip (behind a proxy)")
-    p.define(
-        "http-client",
-        d.http_client,
-        str,
-        "upstream HTTP client: curl (pycurl), simple (Tornado's own), or auto (curl if installed)",
-    )
-    p.define(
-        "models",
-        d.models,
-        str,
-        "comma-separated model ids for GET /v1/models; empty: the upstream's list (cached 5 min)",
-    )
-    p.define(
-        "admin-key",
-        d.admin_key,
-        str,
-        "key for the /admin dashboard and /metrics (also GATEWAY_ADMIN_KEY); empty: both off",
-    )
-    p.define(
-        "retention-days",
-        d.retention_days,
-        int,
-        "delete counters and call logs of days older than this many days; 0: keep everything",
-    )
-    p.define(
-        "max-body-memory",
-        d.max_body_memory,
-        int,
-        "bytes of request bodies held at once, all requests together (else 503)",
-    )
-    p.define(
-        "max-event-size",
-        d.max_event_size,
-        int,
-        "largest single upstream stream event in bytes; a larger one ends the stream "
-        "(stream_interrupted, charged)",
-    )
-    tornado.log.define_logging_options(p)
-    return p
-
-
-def parse_config(argv: list[str], env: dict[str, str]) -> Config:
-    """Options from GATEWAY_* env vars, then the command line (which wins)."""
-    parser = define_options()
-    from_env = []
-    for name in parser:
-        value = env.get("GATEWAY_" + name.upper().replace("-", "_"))
-        if value is not None:
-            from_env.append(f"--{name}={value}")
-    key = env.get("UPSTREAM_API_KEY") or env.get("OPENAI_API_KEY")
-    if key and "GATEWAY_UPSTREAM_API_KEY" not in env:
-        from_env.insert(0, f"--upstream-api-key={key}")
-    rest = parser.parse_command_line(["gateway.py", *from_env, *argv])
-    if rest:
-        raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
-    o = parser.as_dict()
-    fields = {f.name for f in dataclasses.fields(Config)}
-    config = Config(
-        **{k.replace("-", "_"): v for k, v in o.items() if k.replace("-", "_") in fields}
-    )
-    if config.concurrency < 1:
-        raise ConfigError("--concurrency must be at least 1")
-    if config.http_client not in ("auto", "curl", "simple"):
-        raise ConfigError("--http-client must be auto, curl or simple")
-    if config.http_client == "curl" and not _has_pycurl():
-        raise ConfigError("--http-client=curl needs pycurl (pip install pycurl)")
-    if config.admin_key and len(config.admin_key) < 12:
-        raise ConfigError("--admin-key must be at least 12 characters")
-    if config.retention_days < 0:
-        raise ConfigError("--retention-days must be >= 0 (0 keeps everything)")
-    if config.queue_size < 0 or config.max_body_size < 1:
-        raise ConfigError("--queue-size must be >= 0 and --max-body-size >= 1")
-    if config.max_body_memory < config.max_body_size:
-        raise ConfigError("--max-body-memory must be at least --max-body-size")
-    if config.max_event_size < 1024:
-        raise ConfigError("--max-event-size must be at least 1024 bytes")
-    config.tz()
-    return config
 
 
 async def serve(config: Config) -> None:
