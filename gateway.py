@@ -23,7 +23,7 @@ that use them (the dashboard's page assets excepted, kept near the end out of th
   11. Call log (data/calls/YYYY-MM-DD.jsonl) and metrics
   12. Requests: bodies, parsing, validation and token estimation
   13. Admin access: sessions and the guess throttle
-  14. The relay pipeline: admit -> relay -> settle or release (Relay.call)
+  14. The relay pipeline: admit -> relay -> settle or release (Service.relay)
   15. HTTP handlers: the API routes
   16. Operating: /metrics and the /admin dashboard (both off without --admin-key)
   17. Demo upstream (--demo): a mock OpenAI-compatible model
@@ -32,7 +32,7 @@ that use them (the dashboard's page assets excepted, kept near the end out of th
   20. Main: routes, the HTTP server, the running service, the command line
 
 A request's way through: HTTPServer → a handler's prepare() (route, key, body size, from the
-headers) → RelayHandler.run() (validate) → Relay.call (admit → relay → settle or release) →
+headers) → RelayHandler.run() (validate) → Service.relay (admit → relay → settle or release) →
 the handler's answer, or answer_for() → write_error() for any failure.
 """
 
@@ -2650,7 +2650,7 @@ class AdminSessions:
 
 
 # ---------------------------------------------------------------------------------------------
-# The relay pipeline: admit -> relay -> settle or release (Relay.call)
+# The relay pipeline: admit -> relay -> settle or release (Service.relay)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2885,8 +2885,10 @@ MODELS_CACHE_SECONDS = 300.0
 HISTORY_DAYS = 14
 
 
-class Relay:
-    """authenticate → validate → reserve → queue → call upstream → settle or release."""
+class Service:
+    """What every handler is given: the users, the usage store, the upstream and its queue,
+    the call log and metrics, admin access state; and the relay pipeline itself (`relay`),
+    with the figures and reports built from them (status, dashboard, model list)."""
 
     def __init__(
         self, config: Config, users: UserDirectory, store: UsageStore, clock: DayClock
@@ -2950,7 +2952,7 @@ class Relay:
         except Exception:
             log.exception("call log or metrics failed for a call of %r", rec.user)
 
-    async def call(self, user: User, job: Job, rec: CallRecord) -> Outcome:
+    async def relay(self, user: User, job: Job, rec: CallRecord) -> Outcome:
         """The relay pipeline, once the key is authenticated and the request validated:
         admit → relay → settle or release. Failures are raised (QuotaExceeded, UpstreamFailure,
         StoreError, GatewayError, ClientLeft) and turned into answers by the handler.
@@ -3032,7 +3034,7 @@ class Relay:
         upstream_request["stream_options"] = {**(options or {}), "include_usage": True}
         body = json.dumps(upstream_request, ensure_ascii=False).encode()
         upstream = self.upstream
-        relay = SSERelay(
+        sse = SSERelay(
             sink,
             request,
             not wanted,
@@ -3043,14 +3045,14 @@ class Relay:
 
         async def call() -> Answer:
             try:
-                error = await upstream.stream(path, body, relay.on_header, relay.on_chunk)
+                error = await upstream.stream(path, body, sse.on_header, sse.on_chunk)
             except Exception:
-                if not relay.started:
+                if not sse.started:
                     raise
                 # Bytes reached the client: whatever broke, the call is charged.
                 log.exception("stream for %s failed after it started", request.get("model"))
                 error = "the gateway could not finish relaying the stream"
-            return await relay.finish(error)
+            return await sse.finish(error)
 
         return Job(call=call, model=str(request.get("model")))
 
@@ -3229,13 +3231,13 @@ class BaseHandler(tornado.web.RequestHandler):
     never taken in.
     """
 
-    relay: Relay
+    service: Service
     record: CallRecord | None = None  # set by the relay endpoints
     body_limit = 0
     budgeted = False  # whether this route's bodies count against --max-body-memory
 
-    def initialize(self, relay: Relay) -> None:
-        self.relay = relay
+    def initialize(self, service: Service) -> None:
+        self.service = service
         self.user: User | None = None
         self._chunks: list[bytes] = []
         self._size = 0
@@ -3262,7 +3264,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if _LENGTH.fullmatch(length) and int(length) > 0:
             if int(length) > self.body_limit:
                 raise self._too_large()
-            if self.budgeted and not self.relay.bodies.take(int(length)):
+            if self.budgeted and not self.service.bodies.take(int(length)):
                 raise self._bodies_full()
             self._held = int(length)
 
@@ -3278,7 +3280,7 @@ class BaseHandler(tornado.web.RequestHandler):
             self._refuse(self._too_large())
         elif self._size <= self._held or not self.budgeted:
             self._chunks.append(chunk)
-        elif self.relay.bodies.take(self._size - self._held):  # chunked: admitted as it comes
+        elif self.service.bodies.take(self._size - self._held):  # chunked: admitted as it comes
             self._held = self._size
             self._chunks.append(chunk)
         else:
@@ -3292,7 +3294,7 @@ class BaseHandler(tornado.web.RequestHandler):
             {
                 "error": "the gateway holds as many request bodies as it may "
                 "(--max-body-memory); retry shortly",
-                "max_body_memory": self.relay.bodies.limit,
+                "max_body_memory": self.service.bodies.limit,
             },
             {"Retry-After": "1"},
         )
@@ -3328,7 +3330,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def _let_body_go(self) -> None:
         if self.budgeted:
-            self.relay.bodies.give(self._held)
+            self.service.bodies.give(self._held)
         self._held = 0
         self._chunks.clear()
 
@@ -3352,7 +3354,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        error = answer_for(exc, self.relay.clock) if exc is not None else None
+        error = answer_for(exc, self.service.clock) if exc is not None else None
         if error is not None:
             # send_error() cleared the headers; put back ours (e.g. Retry-After).
             for name, value in error.headers.items():
@@ -3402,7 +3404,7 @@ class NotFoundHandler(BaseHandler):
 
 class StatusHandler(BaseHandler):
     def get(self) -> None:
-        self.send_json(envelope(True, "OK", self.relay.status()))
+        self.send_json(envelope(True, "OK", self.service.status()))
 
 
 class RelayHandler(BaseHandler, StreamSink):
@@ -3410,9 +3412,9 @@ class RelayHandler(BaseHandler, StreamSink):
 
     authenticate  prepare() → check_access(), from the headers, before any body byte
     validate      run(): parse the body, the route's validate()
-    admit         Relay.call: the gateway can take it; the user gets a slot (reserved)
-    relay         Relay.call: a worker makes the Job's upstream call
-    settle        Relay.call: charge it, or release the slot if it failed
+    admit         Service.relay: the gateway can take it; the user gets a slot (reserved)
+    relay         Service.relay: a worker makes the Job's upstream call
+    settle        Service.relay: charge it, or release the slot if it failed
     answer        the route's post(), in its own shape; failures in write_error
 
     Takes a body up to --max-body-size, notices a client that leaves, can stream events.
@@ -3422,9 +3424,9 @@ class RelayHandler(BaseHandler, StreamSink):
 
     budgeted = True
 
-    def initialize(self, relay: Relay) -> None:  # type: ignore[override]
-        super().initialize(relay)
-        self.body_limit = relay.config.max_body_size
+    def initialize(self, service: Service) -> None:  # type: ignore[override]
+        super().initialize(service)
+        self.body_limit = service.config.max_body_size
         self.job: Job | None = None
         self.left = False  # the client closed its connection
         self.record = CallRecord(self.request.path)
@@ -3436,17 +3438,17 @@ class RelayHandler(BaseHandler, StreamSink):
     async def run(self) -> tuple[Outcome, bool] | None:
         """validate → admit → relay → settle or release: the outcome and whether it is a
         stream, or None when the client left while its call waited (nothing charged)."""
-        relay, rec = self.relay, cast(CallRecord, self.record)
+        service, rec = self.service, cast(CallRecord, self.record)
         body = self.body()
         request = parse_json_object(body)
         stream = rec.stream = self.validate(request)
         rec.model = str(request.get("model"))[:100]
         if stream:
-            self.job = relay.stream_job(self.upstream_path, request, self)
+            self.job = service.stream_job(self.upstream_path, request, self)
         else:
-            self.job = relay.json_job(self.upstream_path, body, request)
+            self.job = service.json_job(self.upstream_path, body, request)
         try:
-            return await relay.call(cast(User, self.user), self.job, rec), stream
+            return await service.relay(cast(User, self.user), self.job, rec), stream
         except ClientLeft:
             rec.status, rec.error = 499, "client_closed_request: left while queued"
             return None
@@ -3456,7 +3458,7 @@ class RelayHandler(BaseHandler, StreamSink):
         return self.request.headers.get("X-API-Key")
 
     def check_access(self) -> None:
-        self.user = self.relay.authenticate(self.api_key())
+        self.user = self.service.authenticate(self.api_key())
         cast(CallRecord, self.record).user = self.user.name
 
     def on_connection_close(self) -> None:
@@ -3528,7 +3530,7 @@ class OpenAIHandler(BaseHandler):
             return
         if counts is None:
             try:
-                counts = self.relay.store.counts(user.name, self.relay.clock.today())
+                counts = self.service.store.counts(user.name, self.service.clock.today())
             except StoreError:
                 return
         requests_left, tokens_left = remaining(user, counts)
@@ -3556,9 +3558,9 @@ class OpenAIRelayHandler(OpenAIHandler, RelayHandler):
     """POST /v1/chat/completions, /v1/completions, /v1/embeddings: the upstream's own answer."""
 
     def initialize(  # type: ignore[override]
-        self, relay: Relay, path: str, validate: Callable[[dict[str, Any]], bool]
+        self, service: Service, path: str, validate: Callable[[dict[str, Any]], bool]
     ) -> None:
-        super().initialize(relay)
+        super().initialize(service)
         self.upstream_path = path
         self.validator = validate
 
@@ -3591,10 +3593,10 @@ class ModelsHandler(OpenAIHandler):
     """GET /v1/models: what the users can call."""
 
     def check_access(self) -> None:
-        self.user = self.relay.authenticate(self.api_key())
+        self.user = self.service.authenticate(self.api_key())
 
     async def get(self) -> None:
-        models = await self.relay.models()
+        models = await self.service.models()
         self.set_limit_headers()
         self.send_json(models)
 
@@ -3613,13 +3615,13 @@ class AdminBase(BaseHandler):
     """An admin route: absent (404) without --admin-key; needs the admin's login."""
 
     def check_access(self) -> None:
-        if not self.relay.config.admin_key:
+        if not self.service.config.admin_key:
             raise GatewayError(404, MSG_NOT_FOUND, {"path": self.request.path[:200]})
 
     def check_key(self, key: str | None, surface: str) -> bool:
         """Compare a presented admin key, within the guess throttle (429 while it is empty)."""
-        relay, address = self.relay, self.request.remote_ip or "?"
-        wait = relay.admin_guesses.retry_after(address)
+        service, address = self.service, self.request.remote_ip or "?"
+        wait = service.admin_guesses.retry_after(address)
         if wait:
             log.warning(
                 "admin %s from %s refused unchecked: too many wrong keys",
@@ -3633,12 +3635,12 @@ class AdminBase(BaseHandler):
                 {"error": "too many wrong admin keys; try again later", "retry_after": wait},
                 {"Retry-After": str(wait)},
             )
-        want = hashlib.sha256(relay.config.admin_key.encode()).digest()
+        want = hashlib.sha256(service.config.admin_key.encode()).digest()
         got = hashlib.sha256((key or "").encode("utf-8", "surrogateescape")).digest()
         if hmac.compare_digest(want, got):
             self.admin = True
             return True
-        relay.admin_guesses.failed(address)
+        service.admin_guesses.failed(address)
         log.warning("admin %s refused from %s: wrong key", surface, address)
         return False
 
@@ -3648,7 +3650,7 @@ class AdminBase(BaseHandler):
 
     def logged_in(self) -> bool:
         sid = self.session_id()
-        self.admin = sid is not None and self.relay.admin_sessions.valid(sid)
+        self.admin = sid is not None and self.service.admin_sessions.valid(sid)
         return self.admin
 
     def require_login(self) -> None:
@@ -3715,7 +3717,7 @@ class AdminLoginHandler(AdminBase):
             await asyncio.sleep(0.5)  # slows a lone guesser; the throttle bounds the rest
             self.send_page(LOGIN_PAGE.replace("{{message}}", "Wrong admin key."), 403)
             return
-        sid = self.relay.admin_sessions.create()
+        sid = self.service.admin_sessions.create()
         self.set_signed_cookie(
             ADMIN_COOKIE,
             sid,
@@ -3737,7 +3739,7 @@ class AdminLogoutHandler(AdminBase):
         self.check_origin()
         sid = self.session_id()
         if sid is not None:
-            self.relay.admin_sessions.end(sid)
+            self.service.admin_sessions.end(sid)
         self.clear_cookie(ADMIN_COOKIE, path="/")
         self.redirect("/admin", status=303)
 
@@ -3747,7 +3749,7 @@ class AdminStateHandler(AdminBase):
 
     def get(self) -> None:
         self.require_login()
-        self.send_json(envelope(True, MSG_OK, self.relay.admin_state()))
+        self.send_json(envelope(True, MSG_OK, self.service.admin_state()))
 
 
 class AdminActionHandler(AdminBase):
@@ -3774,20 +3776,20 @@ class AdminActionHandler(AdminBase):
             if not isinstance(given, str):
                 raise bad_request('the body must be {"name": "<user>"}', "name")
             name = given
-        relay = self.relay
-        if name not in relay.users.by_name:
+        service = self.service
+        if name not in service.users.by_name:
             raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no user {name!r}"})
         if action == "reset":
-            await relay.store.reset(name, relay.clock.today())
+            await service.store.reset(name, service.clock.today())
         else:
             value = "true" if action == "enable" else "false"
             await asyncio.get_running_loop().run_in_executor(
                 None,
                 edit_users_file,
-                relay.users.path,
+                service.users.path,
                 lambda e: e.set(name, "enabled", value),
             )
-            relay.users.reload_if_changed()
+            service.users.reload_if_changed()
         log.info("admin: %s user %r", action, name)
         self.send_json(envelope(True, MSG_OK, {"user": name, "action": action}))
 
@@ -3804,17 +3806,17 @@ class MetricsHandler(AdminBase):
                 {"error": "Authorization: Bearer <admin key>"},
                 {"WWW-Authenticate": 'Bearer realm="gateway metrics"'},
             )
-        relay = self.relay
-        live = relay.figures()
+        service = self.service
+        live = service.figures()
         gauges = {
             "gateway_queue_length": ("Calls waiting for a worker.", live.queue_length),
             "gateway_in_flight": ("Upstream calls running now.", live.processing),
-            "gateway_queue_size": ("Calls that may wait (--queue-size).", relay.queue.size),
+            "gateway_queue_size": ("Calls that may wait (--queue-size).", service.queue.size),
             "gateway_concurrency": (
                 "Upstream calls at once (--concurrency).",
-                relay.queue.concurrency,
+                service.queue.concurrency,
             ),
-            "gateway_users": ("Users loaded from the users file.", len(relay.users)),
+            "gateway_users": ("Users loaded from the users file.", len(service.users)),
             "gateway_today_requests": (
                 "Requests charged today, all processes.",
                 live.today_requests,
@@ -3822,11 +3824,11 @@ class MetricsHandler(AdminBase):
             "gateway_today_tokens": ("Tokens charged today, all processes.", live.today_tokens),
             "gateway_body_memory_bytes": (
                 "Request body bytes held now (--max-body-memory bounds it).",
-                relay.bodies.used,
+                service.bodies.used,
             ),
         }
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(relay.metrics.render(gauges))
+        self.finish(service.metrics.render(gauges))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3839,9 +3841,9 @@ class DemoModelHandler(BaseHandler):
 
     budgeted = True
 
-    def initialize(self, relay: Relay) -> None:
-        super().initialize(relay)
-        self.body_limit = relay.config.max_body_size
+    def initialize(self, service: Service) -> None:
+        super().initialize(service)
+        self.body_limit = service.config.max_body_size
 
     async def post(self, endpoint: str) -> None:
         try:
@@ -4470,7 +4472,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     rec = getattr(handler, "record", None)
     if rec is not None and not rec.written:
         rec.status = rec.status or status
-        cast(BaseHandler, handler).relay.record_call(rec)
+        cast(BaseHandler, handler).service.record_call(rec)
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if not tornado.log.access_log.isEnabledFor(level):
         return
@@ -4489,9 +4491,9 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     )
 
 
-def make_app(relay: Relay) -> tornado.web.Application:
-    """The routes; every handler gets the relay (users, store, queue, upstream) injected."""
-    deps = {"relay": relay}
+def make_app(service: Service) -> tornado.web.Application:
+    """The routes; every handler gets the Service (users, store, queue, upstream) injected."""
+    deps = {"service": service}
     routes: list[Any] = [
         (r"/api/call(?:\.php)?", CallHandler, deps),
         (r"/api/status(?:\.php)?", StatusHandler, deps),
@@ -4520,7 +4522,7 @@ def make_app(relay: Relay) -> tornado.web.Application:
         (r"/admin/api/users/(enable|disable|reset)", AdminActionHandler, deps),
         (r"/admin/api/users/([^/]+)/(enable|disable|reset)", AdminActionHandler, deps),
     ]
-    if relay.config.demo:
+    if service.config.demo:
         routes.append(
             (r"/demo/v1/(chat/completions|completions|embeddings|models)", DemoModelHandler, deps)
         )
@@ -4529,7 +4531,7 @@ def make_app(relay: Relay) -> tornado.web.Application:
         routes,
         log_function=log_request,
         compress_response=False,
-        cookie_secret=admin_cookie_secret(relay.config.admin_key),
+        cookie_secret=admin_cookie_secret(service.config.admin_key),
         xsrf_cookie_kwargs={"httponly": True, "samesite": "Strict"},
     )
 
@@ -4561,14 +4563,14 @@ class HTTPServer(tornado.httpserver.HTTPServer):
 
 
 class Gateway:
-    """The running service: users, store, relay, HTTP server and periodic chores."""
+    """The running process: users, store, the Service, the HTTP server and periodic chores."""
 
     def __init__(self, config: Config, now: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = DayClock(config.tz(), now)
         self.users = UserDirectory(config.users_file, demo=config.demo)
         self.store = JournalStore(config.data_dir, self.clock, fsync=config.fsync)
-        self.relay: Relay | None = None
+        self.service: Service | None = None
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port = config.port
         self._chores: list[asyncio.Task[None]] = []
@@ -4590,10 +4592,10 @@ class Gateway:
                 upstream_base_url=f"http://{host}:{self.port}/demo/v1",
                 upstream_api_key="demo-upstream",
             )
-        self.relay = Relay(config, self.users, self.store, self.clock)
-        self.relay.queue.start()
+        self.service = Service(config, self.users, self.store, self.clock)
+        self.service.queue.start()
         self.server = HTTPServer(
-            make_app(self.relay),
+            make_app(self.service),
             xheaders=config.xheaders,
             # Each route bounds its own body (BaseHandler) and answers in JSON; Tornado's own
             # limit would answer a bare 400 first.
@@ -4635,24 +4637,24 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, finish queued and in-flight calls, write counters."""
-        assert self.server is not None and self.relay is not None
+        assert self.server is not None and self.service is not None
         self.server.stop()
-        self.relay.stopping = True
+        self.service.stopping = True
         try:
             await asyncio.wait_for(self._drain(), self.config.shutdown_timeout)
         except TimeoutError:
-            log.warning("shutdown timeout: %d calls still running", self.relay.active)
+            log.warning("shutdown timeout: %d calls still running", self.service.active)
         for task in self._chores:
             task.cancel()
         await self.store.close()
-        self.relay.calls.close()
-        self.relay.upstream.close()
+        self.service.calls.close()
+        self.service.upstream.close()
         await self.server.close_all_connections()
 
     async def _drain(self) -> None:
-        assert self.relay is not None
-        await self.relay.queue.drain()
-        await self.relay.idle.wait()
+        assert self.service is not None
+        await self.service.queue.drain()
+        await self.service.idle.wait()
 
 
 async def serve(config: Config) -> None:

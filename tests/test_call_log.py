@@ -132,7 +132,7 @@ async def test_upstream_failures_and_clients_that_leave(env: Env) -> None:
     assert left["status"] == 499 and left["error"].startswith("client_closed_request")
     assert left["total_tokens"] == 0 and left["upstream_ms"] is None
     assert env.gateways[0].store.totals(env.gateways[0].clock.today()) == (1, 15)
-    failures = env.gateways[0].relay.calls.recent_failures()
+    failures = env.gateways[0].service.calls.recent_failures()
     assert [f["status"] for f in failures] == [499, 502]  # newest first
 
 

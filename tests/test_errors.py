@@ -223,13 +223,13 @@ async def test_uncaught_exception_is_a_json_500_and_logged(
     env: Env, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = await env.start()
-    relay = env.gateways[0].relay
-    assert relay is not None
+    service = env.gateways[0].service
+    assert service is not None
 
     def broken() -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(relay, "status", broken)
+    monkeypatch.setattr(service, "status", broken)
     with caplog.at_level(logging.ERROR, logger="gateway"):
         resp = await env.http.fetch(client.base + "/api/status.php", raise_error=False)
     assert resp.code == 500

@@ -155,7 +155,7 @@ class GatewayModel(RuleBasedStateMachine):
             # The upstream answers (0.15 s) and the gateway settles: wait until no call is left.
             await asyncio.sleep(0.1)
             for _ in range(250):
-                if not self.gw.relay.active:  # type: ignore[union-attr]
+                if not self.gw.service.active:  # type: ignore[union-attr]
                     return
                 await asyncio.sleep(0.02)
             raise AssertionError("the abandoned call did not finish")
@@ -177,8 +177,8 @@ class GatewayModel(RuleBasedStateMachine):
         assert gw is not None and gw.server is not None
         gw.server.stop()
         self.run(gw.server.close_all_connections())
-        assert gw.relay is not None
-        for task in [*gw._chores, *gw.relay.queue._workers]:
+        assert gw.service is not None
+        for task in [*gw._chores, *gw.service.queue._workers]:
             task.cancel()  # the process is gone, its tasks with it
         store = gw.store
         for ledger in store._ledgers.values():
@@ -227,7 +227,7 @@ class GatewayModel(RuleBasedStateMachine):
             counts = self.gw.store.counts(user, day)
             assert [counts.requests, counts.tokens] == self.today()[user], user
             assert counts.reserved == 0
-        status = self.gw.relay.status()["stats"]  # type: ignore[union-attr]
+        status = self.gw.service.status()["stats"]  # type: ignore[union-attr]
         spent = self.spent_today()
         assert status["today_requests"] == sum(r for r, _ in spent.values())
         # The usage report and the call log count every charge, resets or not.
