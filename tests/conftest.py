@@ -327,7 +327,7 @@ async def penv(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Env]:
     e.http.close()
 
 
-@pytest.fixture(params=["curl", "simple"])
+@pytest.fixture(params=[pytest.param("curl", marks=pytest.mark.slow), "simple"])
 async def env(
     request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream
 ) -> AsyncIterator[Env]:

@@ -120,6 +120,7 @@ async def test_edits_touch_only_their_own_values(tmp_path: Path) -> None:
     assert gateway.parse_users(path.read_text())["carol"].enabled
 
 
+@pytest.mark.slow
 async def test_errors_have_exit_codes_and_change_nothing(tmp_path: Path) -> None:
     path = commented(tmp_path)
     original = path.read_text()
@@ -143,6 +144,7 @@ async def test_errors_have_exit_codes_and_change_nothing(tmp_path: Path) -> None
     assert path.read_text() == original + "  bad: [\n"  # a broken file is not touched
 
 
+@pytest.mark.slow
 async def test_concurrent_adds_are_all_kept(tmp_path: Path) -> None:
     commented(tmp_path)
     results = await asyncio.gather(*(cli(tmp_path, "user", "add", f"u{n}") for n in range(12)))
@@ -163,6 +165,7 @@ async def test_add_to_a_file_without_users(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- against a running gateway
 
 
+@pytest.mark.slow
 async def test_round_trip_against_a_running_gateway(penv: Env, procs, tmp_path: Path) -> None:
     penv.write_users({"alice": {"api_key": ALICE_KEY}})
     gw = procs(proc_args(penv), tmp_path / "gw.log", KEY_ENV)
@@ -255,6 +258,7 @@ async def test_usage_formats_on_an_empty_data_dir(tmp_path: Path, fmt: str) -> N
     assert not (tmp_path / "data").exists()  # reading creates nothing
 
 
+@pytest.mark.slow
 async def test_reset_among_waves_of_calls_on_two_processes(
     penv: Env, procs, tmp_path: Path
 ) -> None:

@@ -171,6 +171,7 @@ def _chromium() -> str:
     return path
 
 
+@pytest.mark.slow
 async def test_dashboard_in_headless_chromium(env: Env, tmp_path: Path) -> None:
     chromium = _chromium()
     env.write_users(

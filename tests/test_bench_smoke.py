@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "bench/run.py", "--smoke", "--tool=python", f"--out={tmp_path}"],

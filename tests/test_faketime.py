@@ -11,6 +11,7 @@ import pytest
 from conftest import ALICE_KEY, KEY_ENV, Env, post, proc_args
 
 
+@pytest.mark.slow
 async def test_midnight_rollover_in_a_real_process(penv: Env, procs, tmp_path: Path) -> None:
     faketime = shutil.which("faketime")
     if faketime is None:

@@ -234,6 +234,7 @@ async def upload(port: int, path: str, headers: dict[str, str], body: bytes) -> 
         sock.close()
 
 
+@pytest.mark.slow
 async def test_big_uploads_keep_memory_bounded(penv: Env, procs, tmp_path: Path) -> None:
     """50+50 concurrent 8 MB uploads: peak RSS grows less than 3 x --max-body-memory + 40 MiB."""
     gw = procs(proc_args(penv, "--max-body-memory=67108864"), tmp_path / "gw.log", KEY_ENV)
@@ -280,6 +281,7 @@ def data_sizes(data_dir: Path) -> dict[str, int]:
     }
 
 
+@pytest.mark.slow
 async def test_strangers_add_nothing_on_disk_and_few_log_lines(
     senv: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -467,6 +469,7 @@ def assert_private(data_dir: Path) -> None:
     assert files >= 4  # journal, snapshot, a lock, the call log
 
 
+@pytest.mark.slow
 async def test_data_files_are_private_under_umask_000(penv: Env, uprocs, tmp_path: Path) -> None:
     """Under umask 000 data/ and its folders are 0700 and every file in them 0600."""
     assert not penv.data_dir.exists()
@@ -538,6 +541,7 @@ async def test_a_symlinked_call_log_is_never_followed(senv: Env, tmp_path: Path)
     assert list(outside.iterdir()) == []
 
 
+@pytest.mark.slow
 async def test_snapshot_temp_names_are_never_followed(penv: Env, procs, tmp_path: Path) -> None:
     """Symlinks at the old temp names .<day>.json.<pid>.tmp: their target keeps its content."""
     outside = tmp_path / "outside"
@@ -671,6 +675,7 @@ async def test_dashboard_actions_by_name_in_a_json_body(senv: Env) -> None:
     assert enabled() == {".": False, "..": True, "alice": False}
 
 
+@pytest.mark.slow
 async def test_dot_dot_disable_button_in_headless_chromium(senv: Env) -> None:
     """In Chromium the ".." card's disable button disables "..", and reset works for "."."""
     chromium = _chromium()

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import tornado.httpclient
 import tornado.httpserver
 import tornado.testing
@@ -255,4 +256,4 @@ class GatewayModel(RuleBasedStateMachine):
 GatewayModel.TestCase.settings = settings(
     max_examples=12, stateful_step_count=20, deadline=None, derandomize=True
 )
-test_gateway_model = GatewayModel.TestCase
+test_gateway_model = pytest.mark.slow(GatewayModel.TestCase)

@@ -7,6 +7,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import (
     ALICE_KEY,
     ALL_SECRETS,
@@ -19,6 +20,7 @@ from conftest import (
 )
 
 
+@pytest.mark.slow
 async def test_two_processes_on_one_data_dir_share_one_limit(
     penv: Env, procs, tmp_path: Path
 ) -> None:
@@ -40,6 +42,7 @@ async def test_two_processes_on_one_data_dir_share_one_limit(
     assert len(penv.upstream.requests) == 60
 
 
+@pytest.mark.slow
 async def test_sigterm_finishes_queued_and_in_flight_calls(
     penv: Env, procs, tmp_path: Path
 ) -> None:

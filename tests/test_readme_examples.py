@@ -40,6 +40,7 @@ async def test_python_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
     assert out.count("You said: Hello!") == 2  # once whole, once streamed
 
 
+@pytest.mark.slow
 async def test_node_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
     npm = shutil.which("npm")
     if npm is None or shutil.which("node") is None:
@@ -53,6 +54,7 @@ async def test_node_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
     assert "You said: Hello!" in out
 
 
+@pytest.mark.slow
 async def test_operating_commands_run_as_written(tmp_path: Path) -> None:
     block = snippet("sh", "python3 gateway.py user add")
     commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]

@@ -45,6 +45,7 @@ def round_users(limits: list[int]) -> dict[str, dict[str, object]]:
 # ---------------------------------------------------------------- exact limits, many rounds
 
 
+@pytest.mark.slow
 async def test_twenty_rounds_of_200_at_once_one_process(env: Env) -> None:
     rng = random.Random(20261126)
     limits = [rng.randint(1, 100) for _ in range(20)]
@@ -61,6 +62,7 @@ async def test_twenty_rounds_of_200_at_once_one_process(env: Env) -> None:
     assert stats["today_requests"] == sum(limits)
 
 
+@pytest.mark.slow
 async def test_twenty_rounds_of_200_at_once_two_processes(penv: Env, procs, tmp_path: Path) -> None:
     rng = random.Random(7)
     limits = [rng.randint(1, 100) for _ in range(20)]
@@ -84,6 +86,7 @@ async def test_twenty_rounds_of_200_at_once_two_processes(penv: Env, procs, tmp_
 # ---------------------------------------------------------------- crash loop
 
 
+@pytest.mark.slow
 async def test_crash_loop_twenty_kill_9_cycles(penv: Env, procs, tmp_path: Path) -> None:
     penv.write_users({"alice": {"api_key": ALICE_KEY, "daily_request_limit": 10**9}})
     penv.upstream.delay = 0.005
@@ -276,6 +279,7 @@ async def test_oversized_headers_get_a_431_and_cost_nothing(env: Env) -> None:
 # ---------------------------------------------------------------- backpressure and slow clients
 
 
+@pytest.mark.slow
 async def test_backpressure_overflow_is_refused_fast_and_free(env: Env) -> None:
     env.upstream.delay = 1.0
     client = await env.start(concurrency=4, queue_size=8)
@@ -294,6 +298,7 @@ async def test_backpressure_overflow_is_refused_fast_and_free(env: Env) -> None:
     assert (await client.status())["stats"]["today_requests"] == 12
 
 
+@pytest.mark.slow
 async def test_300_slowloris_sockets_do_not_hold_up_a_normal_client(env: Env) -> None:
     client = await env.start(idle_timeout=1.0, body_timeout=1.0)
     port = int(client.base.rsplit(":", 1)[1])
@@ -318,6 +323,7 @@ async def test_300_slowloris_sockets_do_not_hold_up_a_normal_client(env: Env) ->
 # ---------------------------------------------------------------- upstream faults
 
 
+@pytest.mark.slow
 async def test_a_thousand_upstream_faults_leak_no_memory(penv: Env, procs, tmp_path: Path) -> None:
     penv.write_users({"alice": {"api_key": ALICE_KEY, "daily_request_limit": 10**6}})
     penv.upstream.status = 503
@@ -351,6 +357,7 @@ async def test_a_thousand_upstream_faults_leak_no_memory(penv: Env, procs, tmp_p
         ("not json", 200, "not a JSON object"),
     ],
 )
+@pytest.mark.slow
 async def test_upstream_faults_answer_502_within_the_timeout_and_cost_nothing(
     env: Env, fault: str, status: int | None, error: str
 ) -> None:
