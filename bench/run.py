@@ -154,13 +154,14 @@ class Bench:
         users: Path | None = None,
         data: Path | None = None,
         extra: tuple[str, ...] = (),
+        script: str = "gateway.py",
     ) -> Proc:
         users = users or self.users_file(10)
         data = data or Path(tempfile.mkdtemp(dir=self.tmp, prefix="data-"))
         return self.spawn(
             f"gateway-{client}",
             [
-                "gateway.py",
+                script,
                 "--port={port}",
                 "--host=127.0.0.1",
                 f"--users-file={users}",
@@ -270,6 +271,12 @@ class Bench:
                     Target(gw_curl.port, "/v1/chat/completions", CHAT, AUTH),
                 ),
             ]
+            if self.args.baseline:
+                # Another gateway.py (an earlier version), measured in the same rounds.
+                base = self.gateway(up, "curl", script=self.args.baseline)
+                targets.append(
+                    ("baseline call.php curl", base, Target(base.port, "/api/call.php", CHAT, AUTH))
+                )
             for conns in (1, 32) if not self.args.smoke else (8,):
                 entries = [(lb, p, t or Target(p.port, "/", CHAT, AUTH)) for lb, p, t in targets]
                 self.measure_all("relay", entries, conns, secs, delay_ms=int(delay * 1000))
@@ -466,6 +473,17 @@ def ratios(rows: list[dict[str, Any]], smoke: bool) -> list[tuple[str, str, str]
                 ">= 0.7x",
             )
         )
+    for delay_ms in (0, 50):
+        g = find(rows, "relay", "gateway call.php curl", conns=conns, delay_ms=delay_ms)
+        b = find(rows, "relay", "baseline call.php curl", conns=conns, delay_ms=delay_ms)
+        if b:
+            out.append(
+                (
+                    f"gateway / --baseline gateway throughput (curl, c={conns}, {delay_ms} ms)",
+                    f"{ratio(g, b)}x",
+                    ">= 0.95x (no slowdown)",
+                )
+            )
     g = find(rows, "stream", "gateway /v1 stream")
     b = find(rows, "stream", "bare relay stream")
     out.append(("gateway / bare relay streaming throughput", f"{ratio(g, b)}x", ">= 0.7x"))
@@ -576,6 +594,12 @@ def main() -> int:
     )
     p.add_argument(
         "--out", default=str(ROOT / "bench" / "results"), help="directory for latest.md/.json"
+    )
+    p.add_argument(
+        "--baseline",
+        default="",
+        help="another gateway.py (e.g. git show REV:gateway.py > /tmp/old.py) to measure "
+        "side by side in the relay section",
     )
     args = p.parse_args()
     args.seconds = args.seconds or (1.0 if args.smoke else 3.0)

@@ -327,6 +327,16 @@ async def penv(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Env]:
     e.http.close()
 
 
+@pytest.fixture
+async def senv(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Env]:
+    """An Env for tests where the upstream client does not matter: run once, with "simple"."""
+    e = Env(tmp_path, upstream, Clock(), "simple")
+    yield e
+    for g in list(e.gateways):
+        await e.stop(g)
+    e.http.close()
+
+
 @pytest.fixture(params=[pytest.param("curl", marks=pytest.mark.slow), "simple"])
 async def env(
     request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream
@@ -358,7 +368,13 @@ def free_port() -> int:
 class Proc:
     """`python gateway.py` as a real process, with its log in a file."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        umask: int = -1,  # -1: the test process's own
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
         self.log = open(log_path, "ab")  # closed in wait() or by the fixture
@@ -368,6 +384,7 @@ class Proc:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            umask=umask,
         )
         self.base = f"http://127.0.0.1:{self.port}"
 
@@ -405,8 +422,10 @@ class Proc:
 def procs() -> Callable[..., Proc]:
     started: list[Proc] = []
 
-    def start(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Proc:
-        p = Proc(args, log_path, env)
+    def start(
+        args: list[str], log_path: Path, env: dict[str, str] | None = None, umask: int = -1
+    ) -> Proc:
+        p = Proc(args, log_path, env, umask)
         started.append(p)
         return p
 

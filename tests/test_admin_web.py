@@ -171,6 +171,32 @@ def _chromium() -> str:
     return path
 
 
+async def launch_chromium(p: Any, executable: str) -> Any:
+    """Headless Debian Chromium through playwright, with nothing reaching the network."""
+    return await p.chromium.launch(
+        executable_path=executable,
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
+
+
+async def admin_page(browser: Any, client: Client, height: int = 900) -> Any:
+    """A page logged in to the dashboard through its form, once the state has drawn."""
+    page = await browser.new_page(viewport={"width": 1200, "height": height})
+    await page.goto(client.base + "/admin")
+    await page.fill("#key", ADMIN_KEY)
+    await page.click("button[type=submit]")
+    await page.wait_for_selector("body[data-loaded='1']", timeout=10_000)
+    return page
+
+
 @pytest.mark.slow
 async def test_dashboard_in_headless_chromium(env: Env, tmp_path: Path) -> None:
     chromium = _chromium()
@@ -188,24 +214,9 @@ async def test_dashboard_in_headless_chromium(env: Env, tmp_path: Path) -> None:
     assert (await client.call({"model": "gpt-3.5-turbo"}))[0] == 400  # alice's bad request
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = await launch_chromium(p, chromium)
         try:
-            page = await browser.new_page(viewport={"width": 1200, "height": 1100})
-            await page.goto(client.base + "/admin")
-            await page.fill("#key", ADMIN_KEY)
-            await page.click("button[type=submit]")
-            await page.wait_for_selector("body[data-loaded='1']", timeout=10_000)
+            page = await admin_page(browser, client, height=1100)
             assert ADMIN_KEY not in page.url
 
             # alice's requests bar: 5 of 20.

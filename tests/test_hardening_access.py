@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -31,11 +30,8 @@ from conftest import (
     KEY_ENV,
     ROOT,
     Client,
-    Clock,
     Env,
-    FakeUpstream,
     Proc,
-    free_port,
     post,
     proc_args,
     users_yaml,
@@ -43,23 +39,13 @@ from conftest import (
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from playwright.async_api import async_playwright
-from test_admin_web import ADMIN_KEY, Browser, _chromium
+from test_admin_web import ADMIN_KEY, Browser, _chromium, admin_page, launch_chromium
 
 import gateway
 
 MiB = 1024 * 1024
 DOT_KEY = "sk-dot-CANARY-3f1a2b3c4d5e"
 DOTDOT_KEY = "sk-dotdot-CANARY-6a7b8c9d0e1f"
-
-
-@pytest.fixture
-async def senv(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Env]:
-    """An Env for tests that never reach the upstream client: run once, with "simple"."""
-    e = Env(tmp_path, upstream, Clock(), "simple")
-    yield e
-    for g in list(e.gateways):
-        await e.stop(g)
-    e.http.close()
 
 
 def port_of(client: Client) -> int:
@@ -420,40 +406,6 @@ async def test_admin_session_expires_after_12_hours_on_the_gateway_clock(senv: E
 # ---------------------------------------------------------------- 9. file modes, symlinks
 
 
-class UmaskProc(Proc):
-    """`python gateway.py` started under umask 000."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self.log = open(log_path, "ab")  # closed in wait() or by the fixture
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "gateway.py"), f"--port={self.port}", *args],
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            umask=0,
-        )
-        self.base = f"http://127.0.0.1:{self.port}"
-
-
-@pytest.fixture
-def uprocs() -> Iterator[Callable[..., Proc]]:
-    started: list[Proc] = []
-
-    def start(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Proc:
-        p = UmaskProc(args, log_path, env)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.kill()
-        p.proc.wait(timeout=10)
-        p.log.close()
-
-
 def assert_private(data_dir: Path) -> None:
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     assert (data_dir / "owners").is_dir() and (data_dir / "calls").is_dir()
@@ -470,10 +422,10 @@ def assert_private(data_dir: Path) -> None:
 
 
 @pytest.mark.slow
-async def test_data_files_are_private_under_umask_000(penv: Env, uprocs, tmp_path: Path) -> None:
+async def test_data_files_are_private_under_umask_000(penv: Env, procs, tmp_path: Path) -> None:
     """Under umask 000 data/ and its folders are 0700 and every file in them 0600."""
     assert not penv.data_dir.exists()
-    gw = uprocs(proc_args(penv), tmp_path / "gw.log", KEY_ENV)
+    gw = procs(proc_args(penv), tmp_path / "gw.log", KEY_ENV, umask=0)
     await gw.ready()
     assert (await post(penv.http, gw.base))[0] == 200
     await asyncio.sleep(2.5)  # a periodic snapshot of the new charge
@@ -688,24 +640,9 @@ async def test_dot_dot_disable_button_in_headless_chromium(senv: Env) -> None:
     client = await senv.start(admin_key=ADMIN_KEY)
     assert (await client.call(key=DOT_KEY))[0] == 200
     async with async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
+        browser = await launch_chromium(p, chromium)
         try:
-            page = await browser.new_page(viewport={"width": 1200, "height": 900})
-            await page.goto(client.base + "/admin")
-            await page.fill("#key", ADMIN_KEY)
-            await page.click("button[type=submit]")
-            await page.wait_for_selector("body[data-loaded='1']", timeout=10_000)
+            page = await admin_page(browser, client)
             await page.locator(".card[data-user='..'] button", has_text="disable").click()
             await page.wait_for_selector(".card[data-user='..'] .badge.off", timeout=5_000)
             page.on("dialog", lambda d: asyncio.ensure_future(d.accept()))

@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ import tornado.httpclient
 import tornado.httpserver
 import tornado.testing
 import tornado.web
-from conftest import ALICE_KEY, UPSTREAM_KEY, Client, Clock, Env, FakeUpstream, data_text
+from conftest import ALICE_KEY, UPSTREAM_KEY, Client, Env, data_text
 from test_admin_web import Browser
 from test_hardening_streams import (
     call_lines,
@@ -43,16 +42,6 @@ BEARER = {"Authorization": f"Bearer {ALICE_KEY}"}
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture
-async def senv(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Env]:
-    """An Env for tests that never reach the upstream client: run once, with "simple"."""
-    e = Env(tmp_path, upstream, Clock(), "simple")
-    yield e
-    for g in list(e.gateways):
-        await e.stop(g)
-    e.http.close()
 
 
 def request_head(method: str, path: str, length: int, **headers: str) -> bytes:
