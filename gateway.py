@@ -1783,6 +1783,10 @@ class _CachingResolver(tornado.netutil.DefaultExecutorResolver):
         return addresses
 
 
+def _null(name: str) -> None:
+    return None
+
+
 def _error_message(body: bytes | None) -> str:
     """The upstream's own error message (OpenAI shape), or the start of its body."""
     text = (body or b"").decode("utf-8", "replace")
@@ -1866,9 +1870,11 @@ class Upstream:
             raise UpstreamFailure(None, self._describe(response.error))
         if not 200 <= response.code < 300:
             raise UpstreamFailure(response.code, self.redactor.text(_error_message(response.body)))
-        raw, odd = response.body, list[str]()  # NaN, Infinity: not JSON, read as null
+        raw = response.body
+        # NaN and Infinity are not JSON: read as null, and the reply re-encoded below.
+        odd = b"NaN" in raw or b"Infinity" in raw
         try:
-            reply = json.loads(raw, parse_constant=odd.append)
+            reply = json.loads(raw, parse_constant=_null) if odd else json.loads(raw)
         except (ValueError, RecursionError):
             reply = None
         if not isinstance(reply, dict):
@@ -1878,7 +1884,7 @@ class Upstream:
         # The upstream's bytes are relayed as they are, unless they are not plain UTF-8 JSON
         # (a BOM, UTF-16, NaN) or hold a configured secret written with JSON escapes.
         if odd or raw[:3] == b"\xef\xbb\xbf" or b"\x00" in raw:
-            raw = _compact(reply)  # NaN and Infinity became null
+            raw = _compact(reply)
         elif b"\\u" in raw and self.redactor.secrets:
             plain = _compact(reply)
             if self.redactor.data(plain) is not plain:
