@@ -54,7 +54,7 @@ async def upstream(port: int, megabytes: float) -> asyncio.AbstractServer:
     return await asyncio.start_server(serve, "127.0.0.1", port)
 
 
-async def measure(gw_port: int, up_port: int, megabytes: float) -> tuple[float, float, int]:
+async def measure(gw_port: int, up_port: int, megabytes: float) -> tuple[float, float, int, bool]:
     server = await upstream(up_port, megabytes)
     body = json.dumps(
         {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -82,15 +82,16 @@ async def measure(gw_port: int, up_port: int, megabytes: float) -> tuple[float, 
     t0 = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", gw_port)
     writer.write(request)
-    received = 0
+    received, tail = 0, b""
     while chunk := await reader.read(1 << 20):
         received += len(chunk)
+        tail = (tail + chunk)[-300:]
     elapsed = time.monotonic() - t0
     done.set()
     await poller
     writer.close()
     server.close()
-    return elapsed, worst, received
+    return elapsed, worst, received, b"stream_interrupted" in tail
 
 
 def main() -> int:
@@ -114,10 +115,12 @@ def main() -> int:
             ],
             {"UPSTREAM_API_KEY": "sk-bench-upstream"},
         )
-        elapsed, worst, received = asyncio.run(measure(gw.port, up_port, args.mb))
+        elapsed, worst, received, cut = asyncio.run(measure(gw.port, up_port, args.mb))
         print(
             f"{args.gateway}: one {args.mb:g} MB event: call {elapsed:.2f} s, "
-            f"{received / 1e6:.1f} MB to the client, slowest status poll {worst * 1000:.0f} ms"
+            f"{received / 1024:.0f} KiB to the client"
+            f"{' (ended with stream_interrupted)' if cut else ''}, "
+            f"slowest status poll {worst * 1000:.0f} ms"
         )
     finally:
         for proc in bench.procs:
