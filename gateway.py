@@ -43,6 +43,7 @@ import argparse
 import asyncio
 import bisect
 import collections
+import contextlib
 import csv
 import dataclasses
 import gc
@@ -714,6 +715,15 @@ class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ign
         return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong and where, without the snippet of the file that PyYAML quotes: the
+    line could hold a plain api_key, and the message reaches logs and the dashboard."""
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or type(e).__name__
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def _limit(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{where} must be a whole number >= 0, got {value!r}")
@@ -725,7 +735,7 @@ def parse_users(text: str, demo: bool = False) -> dict[str, User]:
     try:
         doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {e}") from None
+        raise ConfigError(f"not valid YAML: {yaml_problem(e)}") from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -838,7 +848,8 @@ class UserDirectory:
             self.load()
         except ConfigError as e:
             # Remember the broken file's stamp so that the error is logged once per edit.
-            self._stamp = self._file_stamp()
+            with contextlib.suppress(OSError):
+                self._stamp = self._file_stamp()
             log.error("users file not reloaded, keeping %d users: %s", len(self), e)
             return False
         log.info("users file reloaded: %d users", len(self))
@@ -912,7 +923,7 @@ class UsersEdit:
         try:
             self.root = yaml.compose(text, Loader=yaml.SafeLoader)
         except yaml.YAMLError as e:
-            raise ConfigError(f"not valid YAML: {e}") from None
+            raise ConfigError(f"not valid YAML: {yaml_problem(e)}") from None
         parse_users(text, demo=True)  # refuse to edit a file that is already broken
 
     def _users_node(self) -> tuple[yaml.Node, yaml.Node] | None:
@@ -1286,8 +1297,12 @@ class _Ledger:
             self.fd = open_private(self.journal, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         except OSError as e:
             raise StoreError(f"cannot open {self.journal}: {e.strerror}") from None
-        self._load_snapshot()
-        self.catch_up()
+        try:
+            self._load_snapshot()
+            self.catch_up()
+        except BaseException:
+            os.close(self.fd)  # the ledger is retried on the next call: no descriptor leaks
+            raise
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -1342,10 +1357,13 @@ class _Ledger:
         """Apply every complete record appended (by any process) since the last call."""
         while True:
             start = self.pos + len(self._partial)
-            size = os.fstat(self.fd).st_size
-            if size <= start:
-                break
-            chunk = os.pread(self.fd, min(size - start, _READ_CHUNK), start)
+            try:
+                size = os.fstat(self.fd).st_size
+                chunk = b""
+                if size > start:
+                    chunk = os.pread(self.fd, min(size - start, _READ_CHUNK), start)
+            except OSError as e:
+                raise StoreError(f"cannot read {self.journal}: {e.strerror}") from None
             if not chunk:
                 break
             data = self._partial + chunk
@@ -1629,15 +1647,16 @@ class JournalStore(UsageStore):
     async def reserve(self, user: User, day: str) -> Reservation:
         ledger = self._ledger(day)
         c = ledger.counter(user.name)
-        # Charged counts only grow during a day (an administrator's reset aside, which the
-        # catch-up reads), so a user already at a limit is at it for sure and is refused
-        # without a write: a flood of refused calls does not grow the journal. Everyone else
-        # is decided by the journal.
-        if c.requests >= user.daily_request_limit or c.tokens >= user.daily_token_limit:
-            ledger.catch_up()  # an administrator's reset may have been written since
+        # A user whose charged calls and calls in flight already reach a limit is refused
+        # without a write, after reading what other processes appended (a reset, a settle, a
+        # released slot): a flood of refused calls does not grow the journal. Everyone else
+        # is decided by the journal's order.
+        limit = user.daily_request_limit
+        if c.requests + c.reserved >= limit or c.tokens >= user.daily_token_limit:
+            ledger.catch_up()
         if ledger.tainted_all or user.name in ledger.tainted:
             raise QuotaExceeded("corrupt", user, c.copy())
-        if c.requests >= user.daily_request_limit:
+        if c.requests + c.reserved >= limit:
             raise QuotaExceeded("requests", user, c.copy())
         if c.tokens >= user.daily_token_limit:
             raise QuotaExceeded("tokens", user, c.copy())
@@ -1783,10 +1802,6 @@ class _CachingResolver(tornado.netutil.DefaultExecutorResolver):
         return addresses
 
 
-def _null(name: str) -> None:
-    return None
-
-
 def _error_message(body: bytes | None) -> str:
     """The upstream's own error message (OpenAI shape), or the start of its body."""
     text = (body or b"").decode("utf-8", "replace")
@@ -1870,11 +1885,13 @@ class Upstream:
             raise UpstreamFailure(None, self._describe(response.error))
         if not 200 <= response.code < 300:
             raise UpstreamFailure(response.code, self.redactor.text(_error_message(response.body)))
-        raw = response.body
-        # NaN and Infinity are not JSON: read as null, and the reply re-encoded below.
-        odd = b"NaN" in raw or b"Infinity" in raw
+        raw, odd = response.body, list[str]()
         try:
-            reply = json.loads(raw, parse_constant=_null) if odd else json.loads(raw)
+            if b"NaN" in raw or b"Infinity" in raw:
+                # Not JSON: read as null, and the reply re-encoded below if one was there.
+                reply = json.loads(raw, parse_constant=odd.append)
+            else:
+                reply = json.loads(raw)  # the default decoder: built once, not per reply
         except (ValueError, RecursionError):
             reply = None
         if not isinstance(reply, dict):
@@ -2133,8 +2150,8 @@ class CallLog:
     def read(self, day: str) -> list[dict[str, Any]]:
         """A day's lines (a line cut short by a crash is skipped)."""
         try:
-            text = self.path(day).read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
+            text = read_private(self.path(day)).decode("utf-8", "replace")
+        except OSError:
             return []
         out = []
         for raw in text.splitlines():
@@ -2150,11 +2167,11 @@ class CallLog:
         found: list[dict[str, Any]] = []
         for day in (today, today - timedelta(days=1)):
             try:
-                with open(self.path(day.isoformat()), "rb") as f:
+                with os.fdopen(open_private(self.path(day.isoformat()), os.O_RDONLY), "rb") as f:
                     size = f.seek(0, os.SEEK_END)
                     f.seek(max(0, size - scan))
                     tail = f.read()
-            except FileNotFoundError:
+            except OSError:  # none that day, or not a regular file
                 continue
             lines = tail.split(b"\n")[1 if size > scan else 0 :]
             for raw in reversed(lines):
@@ -2995,7 +3012,9 @@ class Service:
             try:
                 counts = await self.store.settle(res, answer.usage, facts)
             except StoreError as e:
-                raise StoreError(f"{e} (the call of {user.name!r} was not charged)") from None
+                # The charge may or may not be on disk (a failed fsync after the write):
+                # the journal decides, and the client is told the call failed.
+                raise StoreError(f"{e} (the charge of {user.name!r}'s call may be lost)") from None
             res = None
             # Logged now, not when the response ends: a crash after the charge loses nothing.
             rec.usage, rec.partial, rec.upstream_id = (
@@ -3316,7 +3335,10 @@ class BaseHandler(tornado.web.RequestHandler):
         self.render_error(error.status, error.message, error.data)
 
     def body(self) -> bytes:
-        return b"".join(self._chunks)
+        """The body, joined once (the pieces are replaced by the whole)."""
+        if len(self._chunks) > 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0] if self._chunks else b""
 
     def read_form(self) -> None:
         """Parse a form body into the request's arguments (Tornado does not, for a body it
@@ -3347,7 +3369,12 @@ class BaseHandler(tornado.web.RequestHandler):
         # Tornado's own fails the request's body future, which ends a request whose client
         # left mid-body; without it the request would wait for its body forever.
         super().on_connection_close()
-        self._let_body_go()
+        if not self.body_in_use():
+            self._let_body_go()
+
+    def body_in_use(self) -> bool:
+        """Whether the body is still needed after the client left (a call carries it)."""
+        return False
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -3458,6 +3485,11 @@ class RelayHandler(BaseHandler, StreamSink):
         except ClientLeft:
             rec.status, rec.error = 499, "client_closed_request: left while queued"
             return None
+        finally:
+            self._let_body_go()  # the call is over: its body is no longer held
+
+    def body_in_use(self) -> bool:
+        return self.job is not None
 
     def api_key(self) -> str | None:
         """The key this route reads: the contract's X-API-Key header."""
@@ -3843,19 +3875,26 @@ class MetricsHandler(AdminBase):
 
 
 class DemoModelHandler(BaseHandler):
-    """--demo only: a local stand-in for an OpenAI-compatible upstream."""
-
-    budgeted = True
+    """--demo only: a local stand-in for an OpenAI-compatible upstream, for the gateway itself
+    (it sends the demo upstream key); its bodies are not the relay's to count twice."""
 
     def initialize(self, service: Service) -> None:
         super().initialize(service)
         self.body_limit = service.config.max_body_size
 
+    def check_access(self) -> None:
+        if bearer_token(self.request) != self.service.upstream.api_key:
+            raise GatewayError(401, MSG_BAD_KEY, {"error": "the demo upstream's own key"})
+
     async def post(self, endpoint: str) -> None:
         try:
             request = json.loads(self.body())
             text = _prompt_text(request)
-        except (ValueError, AttributeError):
+            options = request.get("stream_options") or {}
+            chat = endpoint == "chat/completions"
+            last = _text_of(request["messages"][-1]) if chat else text
+            include_usage = bool(options.get("include_usage"))
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError):
             self.send_json(
                 {"error": {"message": "bad request", "type": "invalid_request_error"}}, 400
             )
@@ -3874,7 +3913,6 @@ class DemoModelHandler(BaseHandler):
                 }
             )
             return
-        last = _text_of(request["messages"][-1]) if endpoint == "chat/completions" else text
         content = f"你好!我是演示模型 (demo mock model). You said: {last[:200]}"
         completion = estimate_tokens(content)
         usage = {
@@ -3882,7 +3920,6 @@ class DemoModelHandler(BaseHandler):
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
-        chat = endpoint == "chat/completions"
         base = {
             "id": "chatcmpl-demo" + secrets.token_hex(8),
             "created": int(time.time()),
@@ -3918,8 +3955,7 @@ class DemoModelHandler(BaseHandler):
             self.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
             await self.flush()
             await asyncio.sleep(0.02)
-        options = request.get("stream_options") or {}
-        if options.get("include_usage"):
+        if include_usage:
             chunk = {**base, "object": kind, "choices": [], "usage": usage}
             self.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         self.finish(b"data: [DONE]\n\n")
