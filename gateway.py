@@ -216,6 +216,43 @@ class UpstreamFailure(Exception):
         self.error = error
 
 
+def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
+    """The answer to an exception raised under a handler: the one place where failures
+    become responses (write_error renders it in the route's shape)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, QuotaExceeded):
+        if exc.reason == "corrupt":
+            return GatewayError(
+                500,
+                MSG_SERVER_ERROR,
+                {"error": "this user's usage records are unreadable; see the gateway log"},
+            )
+        user, c = exc.user, exc.counts
+        return GatewayError(
+            429,
+            MSG_REQUEST_LIMIT if exc.reason == "requests" else MSG_TOKEN_LIMIT,
+            {
+                "daily_request_count": c.requests + c.reserved,
+                "daily_request_limit": user.daily_request_limit,
+                "daily_token_count": c.tokens,
+                "daily_token_limit": user.daily_token_limit,
+            },
+            {"Retry-After": str(clock.seconds_to_midnight())},
+        )
+    if isinstance(exc, UpstreamFailure):
+        return GatewayError(502, MSG_UPSTREAM, {"upstream_status": exc.status, "error": exc.error})
+    if isinstance(exc, StoreError):
+        return GatewayError(
+            500,
+            MSG_SERVER_ERROR,
+            {"error": "the usage store cannot be written; see the gateway log"},
+        )
+    if isinstance(exc, ConfigError):
+        return GatewayError(500, MSG_SERVER_ERROR, {"error": str(exc)})
+    return None
+
+
 class ClientLeft(tornado.httputil.HTTPInputError):
     """Raised inside the upstream's streaming callback to abort it when the client has gone.
 
@@ -3204,43 +3241,6 @@ MAX_HEADER_BYTES = 32 * 1024  # request headers, names and values together
 
 FORM_BODY = 16 * 1024  # the body allowed on the admin's form and action routes
 _LENGTH = re.compile(r"[0-9]{1,15}")  # a Content-Length we act on; Tornado refuses the rest
-
-
-def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
-    """The answer to an exception raised under a handler: the one place where failures
-    become responses (write_error renders it in the route's shape)."""
-    if isinstance(exc, GatewayError):
-        return exc
-    if isinstance(exc, QuotaExceeded):
-        if exc.reason == "corrupt":
-            return GatewayError(
-                500,
-                MSG_SERVER_ERROR,
-                {"error": "this user's usage records are unreadable; see the gateway log"},
-            )
-        user, c = exc.user, exc.counts
-        return GatewayError(
-            429,
-            MSG_REQUEST_LIMIT if exc.reason == "requests" else MSG_TOKEN_LIMIT,
-            {
-                "daily_request_count": c.requests + c.reserved,
-                "daily_request_limit": user.daily_request_limit,
-                "daily_token_count": c.tokens,
-                "daily_token_limit": user.daily_token_limit,
-            },
-            {"Retry-After": str(clock.seconds_to_midnight())},
-        )
-    if isinstance(exc, UpstreamFailure):
-        return GatewayError(502, MSG_UPSTREAM, {"upstream_status": exc.status, "error": exc.error})
-    if isinstance(exc, StoreError):
-        return GatewayError(
-            500,
-            MSG_SERVER_ERROR,
-            {"error": "the usage store cannot be written; see the gateway log"},
-        )
-    if isinstance(exc, ConfigError):
-        return GatewayError(500, MSG_SERVER_ERROR, {"error": str(exc)})
-    return None
 
 
 @tornado.web.stream_request_body
