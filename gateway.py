@@ -41,6 +41,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import base64
 import bisect
 import collections
 import contextlib
@@ -59,6 +60,7 @@ import re
 import secrets
 import signal
 import socket
+import struct
 import sys
 import time
 import urllib.parse
@@ -238,7 +240,8 @@ def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
                 "daily_token_count": c.tokens,
                 "daily_token_limit": user.daily_token_limit,
             },
-            {"Retry-After": str(clock.seconds_to_midnight())},
+            # The SDKs obey x-should-retry: without it they sleep until midnight and retry.
+            {"Retry-After": str(clock.seconds_to_midnight()), "x-should-retry": "false"},
         )
     if isinstance(exc, UpstreamFailure):
         return GatewayError(502, MSG_UPSTREAM, {"upstream_status": exc.status, "error": exc.error})
@@ -3628,15 +3631,23 @@ class OpenAIRelayHandler(OpenAIHandler, RelayHandler):
 
 
 class ModelsHandler(OpenAIHandler):
-    """GET /v1/models: what the users can call."""
+    """GET /v1/models: what the users can call; GET /v1/models/{id}: one of them."""
 
     def check_access(self) -> None:
         self.user = self.service.authenticate(self.api_key())
 
-    async def get(self) -> None:
+    async def get(self, model_id: str | None = None) -> None:
         models = await self.service.models()
         self.set_limit_headers()
-        self.send_json(models)
+        if model_id is None:
+            self.send_json(models)
+            return
+        listed = models.get("data")
+        for model in listed if isinstance(listed, list) else []:
+            if isinstance(model, dict) and model.get("id") == model_id:
+                self.send_json(model)
+                return
+        raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no model {model_id[:200]!r}"})
 
 
 class OpenAINotFoundHandler(OpenAIHandler):
@@ -3874,6 +3885,26 @@ class MetricsHandler(AdminBase):
 # ---------------------------------------------------------------------------------------------
 
 
+def _demo_embeddings(value: Any, encoding: Any) -> list[dict[str, Any]]:
+    """One 16-dimension vector per input (a string, or a list of strings or token ids),
+    derived from its text; as floats, or base64 of little-endian float32 as OpenAI sends."""
+    inputs = value if isinstance(value, list) and value and not _is_token_ids(value) else [value]
+    out = []
+    for index, item in enumerate(inputs):
+        digest = hashlib.sha256(json.dumps(item, ensure_ascii=False).encode()).digest()
+        vector = [round(b / 255 - 0.5, 4) for b in digest[:16]]
+        embedding: Any = vector
+        if encoding == "base64":
+            packed = b"".join(struct.pack("<f", x) for x in vector)
+            embedding = base64.b64encode(packed).decode()
+        out.append({"object": "embedding", "index": index, "embedding": embedding})
+    return out
+
+
+def _is_token_ids(value: list[Any]) -> bool:
+    return all(type(v) is int for v in value)
+
+
 class DemoModelHandler(BaseHandler):
     """--demo only: a local stand-in for an OpenAI-compatible upstream, for the gateway itself
     (it sends the demo upstream key); its bodies are not the relay's to count twice."""
@@ -3902,12 +3933,10 @@ class DemoModelHandler(BaseHandler):
         model = str(request.get("model", "demo"))
         prompt = estimate_tokens(text)
         if endpoint == "embeddings":
-            digest = hashlib.sha256(text.encode()).digest()
-            vector = [round(b / 255 - 0.5, 4) for b in digest[:16]]
             self.send_json(
                 {
                     "object": "list",
-                    "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+                    "data": _demo_embeddings(request.get("input"), request.get("encoding_format")),
                     "model": model,
                     "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
                 }
@@ -3945,7 +3974,8 @@ class DemoModelHandler(BaseHandler):
         kind = "chat.completion.chunk" if chat else "text_completion"
         words = re.findall(r"\S+\s*", content)
         for n, word in enumerate(words):
-            piece = {"delta": {"content": word}} if chat else {"text": word}
+            delta = {"role": "assistant", "content": word} if n == 0 else {"content": word}
+            piece = {"delta": delta} if chat else {"text": word}
             finish = "stop" if n == len(words) - 1 else None
             chunk = {
                 **base,
@@ -4555,6 +4585,7 @@ def make_app(service: Service) -> tornado.web.Application:
             {**deps, "path": "/embeddings", "validate": validate_embedding},
         ),
         (r"/v1/models", ModelsHandler, deps),
+        (r"/v1/models/(.+)", ModelsHandler, deps),
         (r"/v1/.*", OpenAINotFoundHandler, deps),
         (r"/metrics", MetricsHandler, deps),
         (r"/admin/?", AdminPageHandler, deps),
