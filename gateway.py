@@ -482,6 +482,11 @@ class Config:
     retention_days: int = 0
     max_body_memory: int = 64 * 1024 * 1024
     max_event_size: int = 1024 * 1024
+    cors_origins: str = ""
+
+    def cors(self) -> frozenset[str]:
+        """The origins whose pages may call the API (`*`: any); empty: none."""
+        return frozenset(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
     def secrets(self) -> tuple[str, ...]:
         """The configured secrets: redacted wherever outside text enters the gateway."""
@@ -576,6 +581,13 @@ def define_options() -> tornado.options.OptionParser:
         d.max_body_memory,
         int,
         "bytes of request bodies held at once, all requests together (else 503)",
+    )
+    p.define(
+        "cors-origins",
+        d.cors_origins,
+        str,
+        "comma-separated origins (https://chat.example.org) whose web pages may call the API "
+        "routes, or *; empty: none (the admin pages never)",
     )
     p.define(
         "max-event-size",
@@ -2965,6 +2977,7 @@ class Service:
         self.calls = CallLog(config.data_dir, clock)
         self.metrics = Metrics()
         self.bodies = BodyBudget(config.max_body_memory)
+        self.cors_origins = config.cors()
         self.admin_guesses = GuessThrottle()
         self.admin_sessions = AdminSessions(config.data_dir, clock.now, ADMIN_SESSION_DAYS * 86400)
         self._history: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
@@ -3242,6 +3255,12 @@ class Service:
 MAX_HEADER_BYTES = 32 * 1024  # request headers, names and values together
 
 
+# CORS: what a page of an allowed origin may send and read.
+_CORS_HEADERS = "Authorization, Content-Type, X-API-Key"
+_CORS_EXPOSED = (
+    "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-limit-tokens, "
+    "x-ratelimit-remaining-tokens, Retry-After, x-should-retry"
+)
 FORM_BODY = 16 * 1024  # the body allowed on the admin's form and action routes
 _LENGTH = re.compile(r"[0-9]{1,15}")  # a Content-Length we act on; Tornado refuses the rest
 
@@ -3263,6 +3282,7 @@ class BaseHandler(tornado.web.RequestHandler):
     record: CallRecord | None = None  # set by the relay endpoints
     body_limit = 0
     budgeted = False  # whether this route's bodies count against --max-body-memory
+    api = False  # an API route: pages of the --cors-origins may call it from a browser
 
     def initialize(self, service: Service) -> None:
         self.service = service
@@ -3272,6 +3292,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self._held = 0  # bytes of the BodyBudget this request holds
         self._form_read = False
         self.admin = False  # the admin's session or key was checked and holds
+        if self.api:
+            self.set_cors_headers()
 
     @property
     def identified(self) -> bool:
@@ -3284,6 +3306,8 @@ class BaseHandler(tornado.web.RequestHandler):
         size = sum(len(k) + len(v) for k, v in self.request.headers.get_all())
         if size > MAX_HEADER_BYTES:
             raise GatewayError(431, MSG_HEADERS_TOO_LARGE, {"max_header_bytes": MAX_HEADER_BYTES})
+        if self.request.method == "OPTIONS":
+            return  # a browser's preflight carries no key; options() answers it
         method = self.request.method.lower() if self.request.method else ""
         if getattr(type(self), method, None) is getattr(tornado.web.RequestHandler, method, None):
             raise tornado.web.HTTPError(405)  # the route has no such method: 405 before the rest
@@ -3383,6 +3407,38 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
+        # Also after send_error() cleared the headers: errors are readable too. (Tornado calls
+        # this once before initialize(), when there is no service yet; initialize() does it.)
+        if self.api and hasattr(self, "service"):
+            self.set_cors_headers()
+
+    def set_cors_headers(self) -> None:
+        origin = self.allowed_origin()
+        if origin is not None:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Expose-Headers", _CORS_EXPOSED)
+        self.set_header("Vary", "Origin")
+
+    def allowed_origin(self) -> str | None:
+        """The value for Access-Control-Allow-Origin, if this request's Origin may call."""
+        origin = self.request.headers.get("Origin")
+        allowed = self.service.cors_origins
+        if origin is None or not allowed:
+            return None
+        if "*" in allowed:
+            return "*"
+        return origin if origin in allowed else None
+
+    def options(self, *args: str, **kwargs: str) -> None:
+        """A CORS preflight: 204 for an allowed origin on an API route, else 405."""
+        if not self.api or self.allowed_origin() is None:
+            raise GatewayError(405, MSG_METHOD, None)
+        requested = self.request.headers.get("Access-Control-Request-Headers", "")
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers", requested[:2000] or _CORS_HEADERS)
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
 
     def send_json(self, payload: dict[str, Any], status: int = 200) -> None:
         self.set_status(status)
@@ -3439,6 +3495,8 @@ class NotFoundHandler(BaseHandler):
 
 
 class StatusHandler(BaseHandler):
+    api = True
+
     def get(self) -> None:
         self.send_json(envelope(True, "OK", self.service.status()))
 
@@ -3457,8 +3515,8 @@ class RelayHandler(BaseHandler, StreamSink):
     """
 
     upstream_path = "/chat/completions"
-
     budgeted = True
+    api = True
 
     def initialize(self, service: Service) -> None:  # type: ignore[override]
         super().initialize(service)
@@ -3560,6 +3618,8 @@ def bearer_token(request: tornado.httputil.HTTPServerRequest) -> str | None:
 
 class OpenAIHandler(BaseHandler):
     """/v1 routes: OpenAI's error shape, Bearer keys and x-ratelimit-* headers."""
+
+    api = True
 
     def api_key(self) -> str | None:
         """A Bearer token, as OpenAI's SDKs send it, or the contract's X-API-Key header."""
