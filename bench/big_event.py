@@ -123,8 +123,7 @@ def main() -> int:
             f"slowest status poll {worst * 1000:.0f} ms"
         )
     finally:
-        for proc in bench.procs:
-            proc.popen.kill()
+        bench.stop_all()
     return 0
 
 

@@ -87,8 +87,7 @@ def main() -> int:
                 f"(+{peak - start:.1f} MB over rest)"
             )
     finally:
-        for proc in bench.procs:
-            proc.popen.kill()
+        bench.stop_all()
     return 0
 
 
