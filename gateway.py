@@ -3058,7 +3058,7 @@ class Service:
                     rec.upstream_ms = round((time.monotonic() - job.started_at) * 1000)
             # Settle: charge what the call used (a failure above released the slot instead).
             facts = CallFacts(
-                model=job.model[:100],
+                model=job.model,
                 latency_ms=round((time.monotonic() - job.queued_at) * 1000),
                 partial=not answer.complete,
             )
@@ -3089,7 +3089,7 @@ class Service:
                 except StoreError as e:
                     log.error("usage store: %s (slot of %s stays held until restart)", e, user.name)
 
-    def json_job(self, path: str, body: bytes, request: dict[str, Any]) -> Job:
+    def json_job(self, path: str, body: bytes, request: dict[str, Any], model: str) -> Job:
         """A call whose answer is one JSON document."""
 
         async def call() -> Answer:
@@ -3102,9 +3102,9 @@ class Service:
                 upstream_id=self.upstream.redactor.text(uid[:200]) if isinstance(uid, str) else "",
             )
 
-        return Job(call=call, model=str(request.get("model")))
+        return Job(call=call, model=model)
 
-    def stream_job(self, path: str, request: dict[str, Any], sink: StreamSink) -> Job:
+    def stream_job(self, path: str, request: dict[str, Any], sink: StreamSink, model: str) -> Job:
         """A streamed call: usage is always requested upstream, and dropped if not wanted."""
         options = request.get("stream_options")
         wanted = isinstance(options, dict) and options.get("include_usage") is True
@@ -3132,7 +3132,7 @@ class Service:
                 error = "the gateway could not finish relaying the stream"
             return await sse.finish(error)
 
-        return Job(call=call, model=str(request.get("model")))
+        return Job(call=call, model=model)
 
     async def models(self) -> dict[str, Any]:
         """The model list: configured, or the upstream's (cached; stale beats none)."""
@@ -3538,9 +3538,9 @@ class RelayHandler(BaseHandler, StreamSink):
         stream = rec.stream = self.validate(request)
         rec.model = str(request.get("model"))[:100]
         if stream:
-            self.job = service.stream_job(self.upstream_path, request, self)
+            self.job = service.stream_job(self.upstream_path, request, self, rec.model)
         else:
-            self.job = service.json_job(self.upstream_path, body, request)
+            self.job = service.json_job(self.upstream_path, body, request, rec.model)
         try:
             return await service.relay(cast(User, self.user), self.job, rec), stream
         except ClientLeft:
