@@ -26,7 +26,7 @@ that use them (the dashboard's page assets excepted, kept near the end out of th
   14. The relay pipeline: admit -> relay -> settle or release (Service.relay)
   15. HTTP handlers: the API routes
   16. Operating: /metrics and the /admin dashboard (both off without --admin-key)
-  17. Demo upstream (--demo): a mock OpenAI-compatible model
+  17. Demo upstream (--demo): a mock model behind OpenAI's and Anthropic's APIs
   18. Assets: the dashboard's HTML, CSS and JavaScript
   19. Administration commands: python gateway.py user … | usage …
   20. Main: routes, the HTTP server, the running service, the command line
@@ -52,6 +52,7 @@ import hashlib
 import hmac
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -463,6 +464,8 @@ class Config:
     data_dir: str = "data"
     upstream_base_url: str = "https://api.openai.com/v1"
     upstream_api_key: str = ""
+    anthropic_base_url: str = "https://api.anthropic.com/v1"
+    anthropic_api_key: str = ""
     upstream_timeout: float = 300.0
     upstream_connect_timeout: float = 10.0
     queue_size: int = 256
@@ -490,7 +493,7 @@ class Config:
 
     def secrets(self) -> tuple[str, ...]:
         """The configured secrets: redacted wherever outside text enters the gateway."""
-        return (self.upstream_api_key, self.admin_key)
+        return (self.upstream_api_key, self.anthropic_api_key, self.admin_key)
 
     def tz(self) -> tzinfo | None:
         """The configured zone, or None for the machine's local zone."""
@@ -525,6 +528,19 @@ def define_options() -> tornado.options.OptionParser:
         str,
         "the team's upstream key (also UPSTREAM_API_KEY or OPENAI_API_KEY); "
         "empty: calls answer 500 and status shows api_key_configured false",
+    )
+    p.define(
+        "anthropic-base-url",
+        d.anthropic_base_url,
+        str,
+        "base URL of an upstream that speaks Anthropic's Messages API (for /v1/messages)",
+    )
+    p.define(
+        "anthropic-api-key",
+        d.anthropic_api_key,
+        str,
+        "the team's key for --anthropic-base-url (also ANTHROPIC_API_KEY); "
+        "empty: /v1/messages answers 500",
     )
     p.define("upstream-timeout", d.upstream_timeout, float, "seconds for a whole upstream call")
     p.define("upstream-connect-timeout", d.upstream_connect_timeout, float, "seconds to connect")
@@ -611,6 +627,9 @@ def parse_config(argv: list[str], env: dict[str, str]) -> Config:
     key = env.get("UPSTREAM_API_KEY") or env.get("OPENAI_API_KEY")
     if key and "GATEWAY_UPSTREAM_API_KEY" not in env:
         from_env.insert(0, f"--upstream-api-key={key}")
+    key = env.get("ANTHROPIC_API_KEY")
+    if key and "GATEWAY_ANTHROPIC_API_KEY" not in env:
+        from_env.insert(0, f"--anthropic-api-key={key}")
     rest = parser.parse_command_line(["gateway.py", *from_env, *argv])
     if rest:
         raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
@@ -1869,11 +1888,18 @@ def _error_message(body: bytes | None) -> str:
 
 
 class Upstream:
-    """Calls the OpenAI-compatible upstream with the team's key."""
+    """Calls one upstream (OpenAI-compatible, or Anthropic's API) with the team's key."""
 
-    def __init__(self, config: Config) -> None:
-        self.base_url = config.upstream_base_url.rstrip("/")
-        self.api_key = config.upstream_api_key
+    def __init__(
+        self,
+        config: Config,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        auth: str = "bearer",
+    ) -> None:
+        self.base_url = (config.upstream_base_url if base_url is None else base_url).rstrip("/")
+        self.api_key = config.upstream_api_key if api_key is None else api_key
+        self.auth = auth  # "bearer": Authorization: Bearer <key>; "x-api-key": Anthropic's header
         # Upstream text enters the gateway here and nowhere else; it is redacted on the way in.
         self.redactor = Redactor(config.secrets())
         self.timeout = config.upstream_timeout
@@ -1911,12 +1937,24 @@ class Upstream:
     def configured(self) -> bool:
         return bool(self.api_key)
 
-    def _request(self, path: str, method: str = "GET", **kwargs: Any) -> Any:
+    def _request(
+        self,
+        path: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        key_header = (
+            {"x-api-key": self.api_key}
+            if self.auth == "x-api-key"
+            else {"Authorization": f"Bearer {self.api_key}"}
+        )
         return tornado.httpclient.HTTPRequest(
             self.base_url + path,
             method=method,
             headers={
-                "Authorization": f"Bearer {self.api_key}",
+                **(headers or {}),
+                **key_header,
                 "Content-Type": "application/json",
                 "Accept": "text/event-stream"
                 if "streaming_callback" in kwargs
@@ -1960,9 +1998,11 @@ class Upstream:
                 raw = plain
         return reply, self.redactor.data(raw)
 
-    async def post_json(self, path: str, body: bytes) -> tuple[dict[str, Any], bytes]:
+    async def post_json(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[dict[str, Any], bytes]:
         """POST a JSON body; return the reply, parsed and as sent (it must be a JSON object)."""
-        reply, raw = await self._fetch(self._request(path, "POST", body=body))
+        reply, raw = await self._fetch(self._request(path, "POST", headers, body=body))
         return reply, raw
 
     async def get_json(self, path: str) -> dict[str, Any]:
@@ -1976,6 +2016,7 @@ class Upstream:
         body: bytes,
         on_header: Callable[[str], None],
         on_chunk: Callable[[bytes], Awaitable[None]],
+        headers: dict[str, str] | None = None,
     ) -> str | None:
         """POST and feed the answer to the callbacks as it arrives; return an error or None.
 
@@ -1983,7 +2024,7 @@ class Upstream:
         filling memory.
         """
         request = self._request(
-            path, "POST", body=body, header_callback=on_header, streaming_callback=on_chunk
+            path, "POST", headers, body=body, header_callback=on_header, streaming_callback=on_chunk
         )
         try:
             response = await self.stream_client.fetch(request, raise_error=False)
@@ -2012,14 +2053,15 @@ class Upstream:
 class Answer:
     """What an upstream call produced: a JSON reply (None for a stream) and its usage.
 
-    `complete` is False for a stream that broke or whose client left; `done` is True when
-    the upstream ended its stream with `data: [DONE]`, which is relayed after the charge.
+    `complete` is False for a stream that broke or whose client left; `tail` is the stream's
+    closing event as the upstream sent it (`data: [DONE]`, `response.completed`,
+    `message_stop`), held back by the relay and sent only after the charge is written.
     """
 
     reply: dict[str, Any] | None
     usage: Usage
     complete: bool = True
-    done: bool = False
+    tail: bytes = b""
     raw: bytes = b""  # the reply as the upstream sent it
     upstream_id: str = ""  # the upstream's id for the call (chatcmpl-…), if it gave one
     interrupted: str = ""  # why an incomplete stream ended
@@ -2031,6 +2073,7 @@ class Job:
 
     call: Callable[[], Awaitable[Answer]]
     model: str = ""
+    upstream: Upstream | None = None
     future: asyncio.Future[Answer] = dataclasses.field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -2480,6 +2523,38 @@ def validate_embedding(doc: dict[str, Any]) -> bool:
     return False
 
 
+def validate_responses(doc: dict[str, Any]) -> bool:
+    """/v1/responses: OpenAI's Responses API."""
+    _require_model(doc)
+    if "input" in doc and not isinstance(doc["input"], str | list):
+        raise bad_request("'input' must be a string or a list of input items", "input")
+    return _check_stream(doc, True)
+
+
+def _check_messages(doc: dict[str, Any]) -> None:
+    _require_model(doc)
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' is required and must be a non-empty list", "messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise bad_request("every item of 'messages' must be an object", "messages")
+
+
+def validate_messages(doc: dict[str, Any]) -> bool:
+    """/v1/messages: Anthropic's Messages API (max_tokens is required there)."""
+    _check_messages(doc)
+    max_tokens = doc.get("max_tokens")
+    if type(max_tokens) is not int or max_tokens < 1:
+        raise bad_request("'max_tokens' is required: a whole number >= 1", "max_tokens")
+    return _check_stream(doc, True)
+
+
+def validate_count_tokens(doc: dict[str, Any]) -> bool:
+    """/v1/messages/count_tokens."""
+    _check_messages(doc)
+    return False
+
+
 MAX_ESTIMATE_PARTS = 100_000  # values one estimate walks through; past it, the rest is not counted
 MAX_USAGE_TOKENS = 100_000_000  # the largest usage figure taken from an upstream, per field
 
@@ -2560,10 +2635,24 @@ def _count(value: Any) -> int | None:
 
 
 def _exact_usage(usage: Any) -> Usage | None:
-    """The upstream's usage object as Usage, if it holds usable counts."""
+    """The upstream's usage object as Usage, if it holds usable counts.
+
+    OpenAI's chat and completions name them prompt/completion_tokens; the Responses API and
+    Anthropic's API input/output_tokens. Anthropic counts cache writes and reads apart from
+    `input_tokens`: both are charged as prompt tokens.
+    """
     if not isinstance(usage, dict):
         return None
-    p, c, t = (_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+    if "prompt_tokens" not in usage and "input_tokens" in usage:
+        p = _count(usage.get("input_tokens"))
+        for extra in ("cache_creation_input_tokens", "cache_read_input_tokens"):
+            if p is not None and (n := _count(usage.get(extra))) is not None:
+                p += n
+        c, t = _count(usage.get("output_tokens")), _count(usage.get("total_tokens"))
+    else:
+        p, c, t = (
+            _count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        )
     if p is not None and c is not None and (t is None or p + c >= t):
         return Usage(p, c, p + c)  # a total below its parts is not believed
     if t is not None:
@@ -2584,6 +2673,8 @@ def usage_of(reply: dict[str, Any], request: dict[str, Any], size: int = 0) -> U
         for ch in (choices if isinstance(choices, list) else [])
         if isinstance(ch, dict)
     ]
+    if not isinstance(choices, list):  # the Responses API's `output`, Anthropic's `content`
+        texts.append(_text_of(reply.get("output") or reply.get("content")))
     completion = estimate_tokens(" ".join(texts))
     return Usage(prompt, completion, prompt + completion, estimated=True)
 
@@ -2760,14 +2851,30 @@ class StreamSink(abc.ABC):
         """Write and flush; raise ClientLeft if the client has gone."""
 
 
+API_OPENAI, API_RESPONSES, API_ANTHROPIC = "openai", "responses", "anthropic"
+_RESPONSES_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_ANTHROPIC_USAGE = (
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "output_tokens",
+)
+
+
 class SSERelay:
     """Relays one upstream Server-Sent Events stream event by event and works out its usage.
 
-    Events are forwarded as they arrive. The usage chunk the gateway asked for is dropped
-    unless the client asked for it too. `data: [DONE]` is held back: the caller sends it
-    after the charge is written, so a stream that completes is always a charged one. One
-    event may hold at most `max_event` bytes: a larger one ends the stream (interrupted,
-    charged), so that no single upstream answer can hold memory or the event loop.
+    Three stream dialects (`api`): OpenAI's (chat and completions: `choices[].delta`, a usage
+    chunk, `data: [DONE]`), the Responses API's (`response.*.delta` events, usage in
+    `response.completed`) and Anthropic's Messages API (`content_block_delta`, usage in
+    `message_start` and `message_delta`, `message_stop`).
+
+    Events are forwarded as they arrive. The OpenAI usage chunk the gateway asked for is
+    dropped unless the client asked for it too. The closing event (and anything after it) is
+    held back in `tail`: the caller sends it after the charge is written, so a stream that
+    completes is always a charged one. One event may hold at most `max_event` bytes: a larger
+    one ends the stream (interrupted, charged), so that no single upstream answer can hold
+    memory or the event loop.
     """
 
     def __init__(
@@ -2779,6 +2886,7 @@ class SSERelay:
         redactor: Redactor,
         max_event: int,
         size: int = 0,
+        api: str = API_OPENAI,
     ) -> None:
         self.sink = sink
         self.request = request
@@ -2786,19 +2894,22 @@ class SSERelay:
         self.strip_usage = strip_usage
         self.redactor = redactor
         self.max_event = max_event
+        self.api = api
         self.status = 0
         self.content_type = ""
         self.started = False
-        self.done = False  # the upstream sent [DONE]
-        self.finished = False  # the upstream sent a finish_reason
+        self.done = False  # the upstream sent its closing event
+        self.finished = False  # the upstream said the generation is over (finish/stop reason)
         self.usage: Usage | None = None
         self.upstream_id = ""
+        self.tail = bytearray()  # the closing event and anything after it, sent after the charge
         self._buffer = bytearray()  # the start of an event not yet complete, CRLF normalized
         self._cr = False  # the last chunk ended in CR: its LF may open the next one
         self._error_body = bytearray()
         self.cut = ""  # why the gateway ended the stream itself
         self._ascii = 0
         self._other = 0
+        self._counts: dict[str, int] = {}  # Anthropic's usage fields, as they arrive
 
     def on_header(self, line: str) -> None:
         if line.startswith("HTTP/"):
@@ -2836,7 +2947,12 @@ class SSERelay:
                 break
             event = bytes(buffer[begin:end])
             begin = end + 2
-            if self._inspect(event):
+            if not self._inspect(event):
+                continue
+            if self.done:  # held until the charge is written; bounded like one event
+                if len(self.tail) + len(event) <= self.max_event:
+                    self.tail += self.redactor.data(event + b"\n\n")
+            else:
                 out.append(event + b"\n\n")
         del buffer[:begin]
         if len(buffer) > self.max_event:
@@ -2857,7 +2973,7 @@ class SSERelay:
             raise EventTooLarge(self.cut)  # the events before it were sent first
 
     def _inspect(self, event: bytes) -> bool:
-        """Note what an event says; return whether to forward it now."""
+        """Note what an event says; return whether to forward it (now, or in the tail)."""
         data = [
             line[6:] if line.startswith(b"data: ") else line[5:]
             for line in event.split(b"\n")
@@ -2868,15 +2984,20 @@ class SSERelay:
         payload = b"\n".join(data)
         if payload.strip() == b"[DONE]":
             self.done = True
-            return False
+            return True
         try:
             obj = json.loads(payload)
         except (ValueError, RecursionError):
             return True
         if not isinstance(obj, dict):
             return True
-        if not self.upstream_id and isinstance(obj.get("id"), str):
-            self.upstream_id = self.redactor.text(obj["id"][:200])
+        if self.api == API_RESPONSES:
+            self._responses_event(obj)
+            return True
+        if self.api == API_ANTHROPIC:
+            self._anthropic_event(obj)
+            return True
+        self._note_id(obj)
         usage = _exact_usage(obj.get("usage"))
         if usage is not None:
             self.usage = usage
@@ -2886,18 +3007,86 @@ class SSERelay:
                 continue
             delta = choice.get("delta")
             text = _text_of(delta) if isinstance(delta, dict) else _text_of(choice.get("text"))
-            ascii_chars = _ascii_count(text)
-            self._ascii += ascii_chars
-            self._other += len(text) - ascii_chars
+            self._generated(text)
             if choice.get("finish_reason"):
                 self.finished = True
         return not (self.strip_usage and usage is not None and not choices)
 
+    def _note_id(self, obj: Any) -> None:
+        if not self.upstream_id and isinstance(obj, dict) and isinstance(obj.get("id"), str):
+            self.upstream_id = self.redactor.text(obj["id"][:200])
+
+    def _generated(self, text: str) -> None:
+        ascii_chars = _ascii_count(text)
+        self._ascii += ascii_chars
+        self._other += len(text) - ascii_chars
+
+    def _responses_event(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            return
+        if kind.endswith(".delta") and isinstance(obj.get("delta"), str):
+            self._generated(obj["delta"])  # output text, tool arguments, reasoning
+        response = obj.get("response")
+        if isinstance(response, dict):
+            self._note_id(response)
+            usage = _exact_usage(response.get("usage"))
+            if usage is not None:
+                self.usage = usage
+        if kind in _RESPONSES_ENDS:
+            self.finished = self.done = True
+
+    def _anthropic_event(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        usage = obj.get("usage")
+        if kind == "message_start" and isinstance(obj.get("message"), dict):
+            self._note_id(obj["message"])
+            usage = obj["message"].get("usage")
+        elif kind == "content_block_delta" and isinstance(obj.get("delta"), dict):
+            delta = obj["delta"]
+            self._generated(
+                "".join(
+                    v
+                    for k in ("text", "partial_json", "thinking")
+                    if isinstance(v := delta.get(k), str)
+                )
+            )
+        elif kind == "message_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict) and delta.get("stop_reason"):
+                self.finished = True
+        elif kind == "message_stop":
+            self.finished = self.done = True
+        if isinstance(usage, dict):  # the counts are running totals: the latest one holds
+            for name in _ANTHROPIC_USAGE:
+                if (n := _count(usage.get(name))) is not None:
+                    self._counts[name] = n
+            if "output_tokens" in self._counts:
+                self.usage = _exact_usage(self._counts)
+
     def partial_usage(self) -> Usage:
-        """Prompt plus what was generated so far, estimated."""
-        prompt = estimate_request_tokens(self.request, self.size)
+        """Prompt plus what was generated so far, estimated (the upstream's own prompt count
+        when it sent one at the start, as Anthropic's message_start does)."""
+        known = _exact_usage({**self._counts, "output_tokens": 0}) if self._counts else None
+        prompt = known.prompt_tokens if known else estimate_request_tokens(self.request, self.size)
         completion = math.ceil(self._ascii / 4) + self._other
         return Usage(prompt, completion, prompt + completion, estimated=True)
+
+    def error_event(self, message: str) -> bytes:
+        """An event that tells the client its stream broke, in its API's own shape."""
+        if self.api == API_ANTHROPIC:
+            body: dict[str, Any] = {
+                "type": "error",
+                "error": {"type": "api_error", "message": message},
+            }
+            return b"event: error\ndata: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+        if self.api == API_RESPONSES:
+            body = {"type": "error", "code": "stream_interrupted", "message": message}
+            return b"event: error\ndata: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+        body = {
+            "error": {"message": message, "type": "upstream_error", "code": "stream_interrupted"}
+        }
+        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
     async def finish(self, error: str | None) -> Answer:
         """Judge the ended stream; raise UpstreamFailure if nothing reached the client.
@@ -2920,14 +3109,10 @@ class SSERelay:
                 self.status, "upstream did not answer the stream request with an event stream"
             )
         if error is None and not self.cut and (self.done or self.finished):
-            return Answer(None, usage, done=self.done, upstream_id=uid)
+            return Answer(None, usage, tail=bytes(self.tail), upstream_id=uid)
         reason = self.cut or error or "upstream closed the stream before it was complete"
-        event = {"error": {"message": f"{MSG_UPSTREAM}: {reason}", "type": "upstream_error"}}
-        event["error"]["code"] = "stream_interrupted"
         try:
-            await self.sink.send(
-                b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
-            )
+            await self.sink.send(self.error_event(f"{MSG_UPSTREAM}: {reason}"))
         except ClientLeft:
             pass
         return Answer(
@@ -2948,6 +3133,17 @@ class Figures:
     processing: int  # upstream calls running
     today_requests: int
     today_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a call goes: an upstream, the path on it, the API it speaks there (API_OPENAI,
+    API_RESPONSES or API_ANTHROPIC) and headers passed on from the client."""
+
+    upstream: Upstream
+    path: str
+    api: str = API_OPENAI
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -2973,6 +3169,9 @@ class Service:
         self.store = store
         self.clock = clock
         self.upstream = Upstream(config)
+        self.anthropic = Upstream(
+            config, config.anthropic_base_url, config.anthropic_api_key, auth="x-api-key"
+        )
         self.queue = CallQueue(config.queue_size, config.concurrency)
         self.calls = CallLog(config.data_dir, clock)
         self.metrics = Metrics()
@@ -2995,14 +3194,15 @@ class Service:
             raise GatewayError(401, MSG_BAD_KEY, {"error": "unknown or disabled API key"})
         return user
 
-    def check_accepting(self) -> None:
-        """Raise the answer for a call the gateway cannot take now (stopping, no upstream key,
-        queue full); return if it can."""
+    def check_accepting(self, upstream: Upstream) -> None:
+        """Raise the answer for a call the gateway cannot take now (stopping, no key for the
+        upstream, queue full); return if it can."""
         if self.stopping:
             raise GatewayError(503, MSG_STOPPING, {"error": "the gateway is shutting down"})
-        if not self.upstream.configured:
+        if not upstream.configured:
+            what = "an Anthropic" if upstream is self.anthropic else "an upstream"
             raise GatewayError(
-                500, MSG_SERVER_ERROR, {"error": "no upstream API key is configured on the gateway"}
+                500, MSG_SERVER_ERROR, {"error": f"no {what} API key is configured on the gateway"}
             )
         if self.queue.full():
             raise self._queue_full()
@@ -3037,7 +3237,7 @@ class Service:
         reservation); routing picks an upstream inside the Job's `call`, run by a worker.
         """
         # Admit: the gateway can take a call, and the user has a slot (reserved now).
-        self.check_accepting()
+        self.check_accepting(job.upstream or self.upstream)
         day = self.clock.today()  # settled against the day it was admitted on
         res: Reservation | None = await self.store.reserve(user, day)
         assert res is not None
@@ -3089,29 +3289,35 @@ class Service:
                 except StoreError as e:
                     log.error("usage store: %s (slot of %s stays held until restart)", e, user.name)
 
-    def json_job(self, path: str, body: bytes, request: dict[str, Any], model: str) -> Job:
+    def json_job(self, target: Target, body: bytes, request: dict[str, Any], model: str) -> Job:
         """A call whose answer is one JSON document."""
+        upstream = target.upstream
 
         async def call() -> Answer:
-            reply, raw = await self.upstream.post_json(path, body)
+            reply, raw = await upstream.post_json(target.path, body, target.headers)
             uid = reply.get("id")
             return Answer(
                 reply,
                 usage_of(reply, request, len(body)),
                 raw=raw,
-                upstream_id=self.upstream.redactor.text(uid[:200]) if isinstance(uid, str) else "",
+                upstream_id=upstream.redactor.text(uid[:200]) if isinstance(uid, str) else "",
             )
 
-        return Job(call=call, model=model)
+        return Job(call=call, model=model, upstream=upstream)
 
-    def stream_job(self, path: str, request: dict[str, Any], sink: StreamSink, model: str) -> Job:
-        """A streamed call: usage is always requested upstream, and dropped if not wanted."""
-        options = request.get("stream_options")
-        wanted = isinstance(options, dict) and options.get("include_usage") is True
-        upstream_request = dict(request)
-        upstream_request["stream_options"] = {**(options or {}), "include_usage": True}
-        body = json.dumps(upstream_request, ensure_ascii=False).encode()
-        upstream = self.upstream
+    def stream_job(
+        self, target: Target, body: bytes, request: dict[str, Any], sink: StreamSink, model: str
+    ) -> Job:
+        """A streamed call. OpenAI's streams always ask the upstream for usage (dropped again
+        if the client did not ask); the Responses and Messages APIs always report it."""
+        wanted = True
+        if target.api == API_OPENAI:
+            options = request.get("stream_options")
+            wanted = isinstance(options, dict) and options.get("include_usage") is True
+            upstream_request = dict(request)
+            upstream_request["stream_options"] = {**(options or {}), "include_usage": True}
+            body = json.dumps(upstream_request, ensure_ascii=False).encode()
+        upstream = target.upstream
         sse = SSERelay(
             sink,
             request,
@@ -3119,11 +3325,14 @@ class Service:
             redactor=upstream.redactor,
             max_event=self.config.max_event_size,
             size=len(body),
+            api=target.api,
         )
 
         async def call() -> Answer:
             try:
-                error = await upstream.stream(path, body, sse.on_header, sse.on_chunk)
+                error = await upstream.stream(
+                    target.path, body, sse.on_header, sse.on_chunk, target.headers
+                )
             except Exception:
                 if not sse.started:
                     raise
@@ -3132,7 +3341,24 @@ class Service:
                 error = "the gateway could not finish relaying the stream"
             return await sse.finish(error)
 
-        return Job(call=call, model=model)
+        return Job(call=call, model=model, upstream=upstream)
+
+    async def uncharged(self, target: Target, body: bytes) -> bytes:
+        """A call that costs the user nothing (Anthropic's count_tokens): through the queue,
+        so it too waits for a worker, but with no slot reserved and nothing charged."""
+        self.check_accepting(target.upstream)
+        upstream = target.upstream
+
+        async def call() -> Answer:
+            reply, raw = await upstream.post_json(target.path, body, target.headers)
+            return Answer(reply, Usage(0, 0, 0), raw=raw)
+
+        job = Job(call=call, model="", upstream=upstream)
+        try:
+            self.queue.submit(job)
+        except tornado.queues.QueueFull:
+            raise self._queue_full() from None
+        return (await job.future).raw
 
     async def models(self) -> dict[str, Any]:
         """The model list: configured, or the upstream's (cached; stale beats none)."""
@@ -3537,10 +3763,11 @@ class RelayHandler(BaseHandler, StreamSink):
         request = parse_json_object(body)
         stream = rec.stream = self.validate(request)
         rec.model = str(request.get("model"))[:100]
+        target = self.target()
         if stream:
-            self.job = service.stream_job(self.upstream_path, request, self, rec.model)
+            self.job = service.stream_job(target, body, request, self, rec.model)
         else:
-            self.job = service.json_job(self.upstream_path, body, request, rec.model)
+            self.job = service.json_job(target, body, request, rec.model)
         try:
             return await service.relay(cast(User, self.user), self.job, rec), stream
         except ClientLeft:
@@ -3549,12 +3776,16 @@ class RelayHandler(BaseHandler, StreamSink):
         finally:
             self._let_body_go()  # the call is over: its body is no longer held
 
+    def target(self) -> Target:
+        """Where this route's calls go."""
+        return Target(self.service.upstream, self.upstream_path)
+
     def body_in_use(self) -> bool:
         return self.job is not None
 
     def api_key(self) -> str | None:
-        """The key this route reads: the contract's X-API-Key header."""
-        return self.request.headers.get("X-API-Key")
+        """The contract's X-API-Key header, else an `Authorization: Bearer` token."""
+        return self.request.headers.get("X-API-Key") or bearer_token(self.request)
 
     def check_access(self) -> None:
         self.user = self.service.authenticate(self.api_key())
@@ -3622,8 +3853,10 @@ class OpenAIHandler(BaseHandler):
     api = True
 
     def api_key(self) -> str | None:
-        """A Bearer token, as OpenAI's SDKs send it, or the contract's X-API-Key header."""
-        return bearer_token(self.request) or self.request.headers.get("X-API-Key")
+        """A Bearer token, as OpenAI's SDKs send it, the contract's X-API-Key header (also
+        what Anthropic's SDKs send), or Azure OpenAI's api-key header."""
+        headers = self.request.headers
+        return bearer_token(self.request) or headers.get("X-API-Key") or headers.get("api-key")
 
     def set_limit_headers(self, counts: Counts | None = None) -> None:
         user = self.user
@@ -3656,14 +3889,23 @@ class OpenAIHandler(BaseHandler):
 
 
 class OpenAIRelayHandler(OpenAIHandler, RelayHandler):
-    """POST /v1/chat/completions, /v1/completions, /v1/embeddings: the upstream's own answer."""
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses: the
+    upstream's own answer."""
 
     def initialize(  # type: ignore[override]
-        self, service: Service, path: str, validate: Callable[[dict[str, Any]], bool]
+        self,
+        service: Service,
+        path: str,
+        validate: Callable[[dict[str, Any]], bool],
+        api: str = API_OPENAI,
     ) -> None:
         super().initialize(service)
         self.upstream_path = path
         self.validator = validate
+        self.dialect = api
+
+    def target(self) -> Target:
+        return Target(self.service.upstream, self.upstream_path, self.dialect)
 
     def validate(self, request: dict[str, Any]) -> bool:
         return self.validator(request)
@@ -3678,9 +3920,9 @@ class OpenAIRelayHandler(OpenAIHandler, RelayHandler):
             self.set_limit_headers(outcome.counts)
             self.finish(answer.raw)  # the upstream's own body, byte for byte
             return
-        if answer.done:
+        if answer.tail:
             try:
-                await self.send(b"data: [DONE]\n\n")  # only now: the charge is on disk
+                await self.send(answer.tail)  # the closing event, only now: the charge is on disk
             except ClientLeft:
                 return  # left at the very end; the call was complete and is charged
         self.finish()
@@ -3708,6 +3950,64 @@ class ModelsHandler(OpenAIHandler):
                 self.send_json(model)
                 return
         raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no model {model_id[:200]!r}"})
+
+
+# Anthropic's error `type` for each status.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+    503: "overloaded_error",
+}
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]{1,512}")
+
+
+class AnthropicHandler(OpenAIRelayHandler):
+    """POST /v1/messages: Anthropic's Messages API, relayed to the upstream that speaks it
+    (--anthropic-base-url) with the team's key as x-api-key and the client's
+    anthropic-version and anthropic-beta headers; errors in Anthropic's shape."""
+
+    def target(self) -> Target:
+        headers = {"anthropic-version": "2023-06-01"}
+        for name in ("anthropic-version", "anthropic-beta"):
+            value = self.request.headers.get(name)
+            if value is None:
+                continue
+            if not _HEADER_VALUE.fullmatch(value):
+                raise bad_request(f"the {name} header must be 1-512 printable ASCII characters")
+            headers[name] = value
+        return Target(self.service.anthropic, self.upstream_path, API_ANTHROPIC, headers)
+
+    def render_error(self, status: int, message: str, data: dict[str, Any] | None) -> None:
+        self.note_error(status, message, data)
+        detail = data.get("error") if data else None
+        error: dict[str, Any] = {
+            "type": _ANTHROPIC_TYPES.get(status, "api_error"),
+            "message": f"{message}: {detail}" if detail else message,
+            "code": _OPENAI_CODES.get(message, "error"),
+        }
+        if data and "error" not in data:
+            error["details"] = data  # e.g. the daily counts of a 429
+        self.set_limit_headers()
+        self.send_json({"type": "error", "error": error}, status)
+
+
+class CountTokensHandler(AnthropicHandler):
+    """POST /v1/messages/count_tokens: relayed to the Anthropic upstream, never charged."""
+
+    async def post(self) -> None:
+        body = self.body()
+        validate_count_tokens(parse_json_object(body))
+        try:
+            raw = await self.service.uncharged(self.target(), body)
+        finally:
+            self._let_body_go()
+        self.finish(raw)
 
 
 class OpenAINotFoundHandler(OpenAIHandler):
@@ -3941,8 +4241,64 @@ class MetricsHandler(AdminBase):
 
 
 # ---------------------------------------------------------------------------------------------
-# Demo upstream (--demo): a mock OpenAI-compatible model
+# Demo upstream (--demo): a mock model behind OpenAI's and Anthropic's APIs
 # ---------------------------------------------------------------------------------------------
+
+
+DEMO_SCHEMA_DEPTH = 8  # nested objects the demo fills in; deeper ones get a plain string
+
+
+def _demo_value(schema: Any, root: Any, depth: int = 0) -> Any:
+    """A value of the JSON schema's type with its required keys: what structured-output and
+    tool-call parsers need from a model (not a generator for every schema)."""
+    if not isinstance(schema, dict) or depth > DEMO_SCHEMA_DEPTH:
+        return "demo"
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        return _demo_value(target, root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options:
+            real = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")]
+            return _demo_value((real or options)[0], root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    properties = schema.get("properties")
+    if kind == "object" or (kind is None and isinstance(properties, dict)):
+        properties = properties if isinstance(properties, dict) else {}
+        required = schema.get("required")
+        names = list(properties) + [
+            n for n in (required if isinstance(required, list) else []) if n not in properties
+        ]
+        return {
+            str(n): _demo_value(properties.get(n), root, depth + 1)
+            for n in names[:100]
+            if isinstance(n, str)
+        }
+    if kind == "array":
+        return [_demo_value(schema.get("items"), root, depth + 1)]
+    minimum = schema.get("minimum")
+    number = minimum if isinstance(minimum, int | float) and not isinstance(minimum, bool) else 1
+    return {
+        "integer": int(number),
+        "number": float(number),
+        "boolean": True,
+        "null": None,
+    }.get(str(kind), "demo")
+
+
+def _inner(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    """doc[key] if that is an object (OpenAI nests a function's spec there), else doc."""
+    value = doc.get(key)
+    return value if isinstance(value, dict) else doc
 
 
 def _demo_embeddings(value: Any, encoding: Any) -> list[dict[str, Any]]:
@@ -3965,90 +4321,389 @@ def _is_token_ids(value: list[Any]) -> bool:
     return all(type(v) is int for v in value)
 
 
+@dataclass(frozen=True, slots=True)
+class DemoReply:
+    """What the demo model answers, before it is put in an API's shape: text, or a call of
+    one of the request's tools (`tool` names it; `arguments` is its JSON)."""
+
+    text: str
+    tool: str = ""
+    arguments: str = ""
+    prompt_tokens: int = 0
+
+    @property
+    def output_tokens(self) -> int:
+        return estimate_tokens(self.arguments if self.tool else self.text)
+
+
+def _demo_reply(request: dict[str, Any], api: str) -> DemoReply:
+    """The demo model's answer to a chat, Responses or Messages request.
+
+    With tools offered (and tool_choice not "none"), it calls one (the one tool_choice
+    names, else the first) with arguments built from its parameter schema, unless the last
+    message is already a tool's result. Asked for JSON (response_format / text.format), it
+    answers JSON: `{"reply": …}`, or a value matching the given schema.
+    """
+    if api == API_ANTHROPIC:
+        turns: Any = request.get("messages")
+    elif api == API_RESPONSES:
+        turns = request.get("input")
+    else:
+        turns = request.get("messages", request.get("prompt"))
+    last = turns[-1] if isinstance(turns, list) and turns else turns
+    prompt = estimate_tokens(_prompt_text(request) + " " + _text_of(request.get("system")))
+    said = _text_of(last)[:200]
+    text = f"你好!我是演示模型 (demo mock model). You said: {said}"
+    blocks = last.get("content") if isinstance(last, dict) else None
+    answered_tool = isinstance(last, dict) and (
+        last.get("role") == "tool"
+        or last.get("type") == "function_call_output"
+        or any(
+            isinstance(b, dict) and b.get("type") == "tool_result"
+            for b in (blocks if isinstance(blocks, list) else [])
+        )
+    )
+    tools = request.get("tools")
+    choice = request.get("tool_choice")
+    if isinstance(tools, list) and tools and choice != "none" and not answered_tool:
+        wanted = ""
+        if isinstance(choice, dict):
+            wanted = str(_inner(choice, "function").get("name") or "")
+        for tool in tools:
+            if not isinstance(tool, dict):
+                continue
+            spec = _inner(tool, "function")
+            name = spec.get("name")
+            if not isinstance(name, str) or (wanted and name != wanted):
+                continue
+            schema = spec.get("parameters", spec.get("input_schema"))
+            arguments = json.dumps(_demo_value(schema, schema), ensure_ascii=False)
+            return DemoReply(text, name, arguments, prompt)
+    form = request.get("response_format")
+    if api == API_RESPONSES and isinstance(request.get("text"), dict):
+        form = request["text"].get("format")
+    if isinstance(form, dict) and form.get("type") == "json_schema":
+        schema = _inner(form, "json_schema").get("schema")
+        text = json.dumps(_demo_value(schema, schema), ensure_ascii=False)
+    elif isinstance(form, dict) and form.get("type") == "json_object":
+        text = json.dumps({"reply": text}, ensure_ascii=False)
+    return DemoReply(text, prompt_tokens=prompt)
+
+
+def _sse(data: dict[str, Any], event: str = "") -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _pieces(text: str) -> list[str]:
+    """A text cut into stream deltas of about a word each."""
+    return re.findall(r"\S+\s*|\s+", text) or [""]
+
+
 class DemoModelHandler(BaseHandler):
-    """--demo only: a local stand-in for an OpenAI-compatible upstream, for the gateway itself
-    (it sends the demo upstream key); its bodies are not the relay's to count twice."""
+    """--demo only: a local stand-in for an OpenAI-compatible upstream and an Anthropic one,
+    for the gateway itself (it sends the demo upstream key); its bodies are not the relay's
+    to count twice. Chat, completions, embeddings, Responses and Messages, JSON and streams,
+    with `n`, tools and JSON modes."""
+
+    STEP = 0.02  # seconds between stream events, so that streams are seen to stream
 
     def initialize(self, service: Service) -> None:
         super().initialize(service)
         self.body_limit = service.config.max_body_size
 
     def check_access(self) -> None:
-        if bearer_token(self.request) != self.service.upstream.api_key:
+        key = bearer_token(self.request) or self.request.headers.get("x-api-key")
+        if key != self.service.upstream.api_key:
             raise GatewayError(401, MSG_BAD_KEY, {"error": "the demo upstream's own key"})
 
     async def post(self, endpoint: str) -> None:
         try:
             request = json.loads(self.body())
-            text = _prompt_text(request)
-            options = request.get("stream_options") or {}
-            chat = endpoint == "chat/completions"
-            last = _text_of(request["messages"][-1]) if chat else text
-            include_usage = bool(options.get("include_usage"))
+            if not isinstance(request, dict):
+                raise TypeError("not an object")
+            model = str(request.get("model", "demo"))
+            if endpoint == "embeddings":
+                prompt = estimate_tokens(_prompt_text(request))
+                data = _demo_embeddings(request.get("input"), request.get("encoding_format"))
+                usage = {"prompt_tokens": prompt, "total_tokens": prompt}
+                self.send_json({"object": "list", "data": data, "model": model, "usage": usage})
+                return
+            if endpoint == "messages/count_tokens":
+                self.send_json({"input_tokens": _demo_reply(request, API_ANTHROPIC).prompt_tokens})
+                return
+            api = {"responses": API_RESPONSES, "messages": API_ANTHROPIC}.get(endpoint, API_OPENAI)
+            reply = _demo_reply(request, api)
         except (ValueError, AttributeError, KeyError, IndexError, TypeError):
             self.send_json(
                 {"error": {"message": "bad request", "type": "invalid_request_error"}}, 400
             )
             return
-        model = str(request.get("model", "demo"))
-        prompt = estimate_tokens(text)
-        if endpoint == "embeddings":
-            self.send_json(
-                {
-                    "object": "list",
-                    "data": _demo_embeddings(request.get("input"), request.get("encoding_format")),
-                    "model": model,
-                    "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
-                }
-            )
-            return
-        content = f"你好!我是演示模型 (demo mock model). You said: {last[:200]}"
-        completion = estimate_tokens(content)
+        stream = request.get("stream") is True
+        if stream:
+            self.set_header("Content-Type", "text/event-stream")
+        if api == API_RESPONSES:
+            await self._responses(request, model, reply, stream)
+        elif api == API_ANTHROPIC:
+            await self._messages(model, reply, stream)
+        else:
+            await self._chat(request, model, reply, stream, endpoint == "chat/completions")
+
+    async def _emit(self, events: list[bytes]) -> None:
+        for event in events:
+            self.write(event)
+            await self.flush()
+            await asyncio.sleep(self.STEP)
+        self.finish()
+
+    async def _chat(
+        self, request: dict[str, Any], model: str, reply: DemoReply, stream: bool, chat: bool
+    ) -> None:
+        n = request.get("n")
+        n = n if type(n) is int and 1 <= n <= 16 else 1
+        completion = reply.output_tokens * n
         usage = {
-            "prompt_tokens": prompt,
+            "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": completion,
-            "total_tokens": prompt + completion,
+            "total_tokens": reply.prompt_tokens + completion,
         }
         base = {
             "id": "chatcmpl-demo" + secrets.token_hex(8),
             "created": int(time.time()),
             "model": model,
         }
-        if not request.get("stream"):
-            choice = (
-                {"message": {"role": "assistant", "content": content}}
-                if chat
-                else {"text": content}
-            )
-            kind = "chat.completion" if chat else "text_completion"
+        call_id = "call_demo" + secrets.token_hex(6)
+        tool_call = {"id": call_id, "type": "function"}
+        finish = "tool_calls" if reply.tool and chat else "stop"
+        if not stream:
+            if not chat:
+                choice: dict[str, Any] = {"text": reply.text}
+            elif reply.tool:
+                function = {"name": reply.tool, "arguments": reply.arguments}
+                message = {"role": "assistant", "content": None}
+                choice = {
+                    "message": {**message, "tool_calls": [{**tool_call, "function": function}]}
+                }
+            else:
+                choice = {"message": {"role": "assistant", "content": reply.text}}
             self.send_json(
                 {
                     **base,
-                    "object": kind,
-                    "choices": [{"index": 0, **choice, "finish_reason": "stop"}],
+                    "object": "chat.completion" if chat else "text_completion",
+                    "choices": [
+                        {"index": i, **choice, "logprobs": None, "finish_reason": finish}
+                        for i in range(n)
+                    ],
                     "usage": usage,
                 }
             )
             return
-        self.set_header("Content-Type", "text/event-stream")
         kind = "chat.completion.chunk" if chat else "text_completion"
-        words = re.findall(r"\S+\s*", content)
-        for n, word in enumerate(words):
-            delta = {"role": "assistant", "content": word} if n == 0 else {"content": word}
-            piece = {"delta": delta} if chat else {"text": word}
-            finish = "stop" if n == len(words) - 1 else None
-            chunk = {
-                **base,
-                "object": kind,
-                "choices": [{"index": 0, **piece, "finish_reason": finish}],
+        deltas: list[dict[str, Any]]
+        if reply.tool and chat:
+            function = {"name": reply.tool, "arguments": ""}
+            deltas = [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"index": 0, **tool_call, "function": function}],
+                },
+                {"tool_calls": [{"index": 0, "function": {"arguments": reply.arguments}}]},
+            ]
+        elif chat:
+            deltas = [{"content": piece} for piece in _pieces(reply.text)]
+            deltas[0] = {"role": "assistant", **deltas[0]}
+        else:
+            deltas = [{"text": piece} for piece in _pieces(reply.text)]
+        events = []
+        for step, delta in enumerate(deltas):
+            last = step == len(deltas) - 1
+            choices = [
+                {
+                    "index": i,
+                    **({"delta": delta} if chat else delta),
+                    "finish_reason": finish if last else None,
+                }
+                for i in range(n)
+            ]
+            events.append(_sse({**base, "object": kind, "choices": choices}))
+        options = request.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            events.append(_sse({**base, "object": kind, "choices": [], "usage": usage}))
+        events.append(b"data: [DONE]\n\n")
+        await self._emit(events)
+
+    async def _responses(
+        self, request: dict[str, Any], model: str, reply: DemoReply, stream: bool
+    ) -> None:
+        output = reply.output_tokens
+        item_id = ("fc_demo" if reply.tool else "msg_demo") + secrets.token_hex(8)
+        if reply.tool:
+            item: dict[str, Any] = {
+                "type": "function_call",
+                "id": item_id,
+                "call_id": "call_demo" + secrets.token_hex(6),
+                "name": reply.tool,
+                "arguments": reply.arguments,
+                "status": "completed",
             }
-            self.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
-            await self.flush()
-            await asyncio.sleep(0.02)
-        if include_usage:
-            chunk = {**base, "object": kind, "choices": [], "usage": usage}
-            self.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        self.finish(b"data: [DONE]\n\n")
+        else:
+            part = {"type": "output_text", "text": reply.text, "annotations": []}
+            item = {
+                "type": "message",
+                "id": item_id,
+                "status": "completed",
+                "role": "assistant",
+                "content": [part],
+            }
+        response: dict[str, Any] = {
+            "id": "resp_demo" + secrets.token_hex(8),
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": model,
+            "output": [item],
+            "parallel_tool_calls": True,
+            "tool_choice": request.get("tool_choice", "auto"),
+            "tools": request.get("tools", []),
+            "text": request.get("text", {"format": {"type": "text"}}),
+            "error": None,
+            "incomplete_details": None,
+            "usage": {
+                "input_tokens": reply.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": output,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": reply.prompt_tokens + output,
+            },
+        }
+        if not stream:
+            self.send_json(response)
+            return
+        seq = itertools.count()
+        at = {"output_index": 0, "item_id": item_id}
+
+        def event(kind: str, **fields: Any) -> bytes:
+            return _sse({"type": kind, "sequence_number": next(seq), **fields}, kind)
+
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        events = [
+            event("response.created", response=started),
+            event("response.in_progress", response=started),
+        ]
+        if reply.tool:
+            events.append(
+                event(
+                    "response.output_item.added",
+                    output_index=0,
+                    item={**item, "arguments": "", "status": "in_progress"},
+                )
+            )
+            events.append(
+                event("response.function_call_arguments.delta", **at, delta=reply.arguments)
+            )
+            events.append(
+                event("response.function_call_arguments.done", **at, arguments=reply.arguments)
+            )
+        else:
+            empty = {"type": "output_text", "text": "", "annotations": []}
+            events.append(
+                event(
+                    "response.output_item.added",
+                    output_index=0,
+                    item={**item, "status": "in_progress", "content": []},
+                )
+            )
+            events.append(event("response.content_part.added", **at, content_index=0, part=empty))
+            for piece in _pieces(reply.text):
+                events.append(
+                    event(
+                        "response.output_text.delta",
+                        **at,
+                        content_index=0,
+                        delta=piece,
+                        logprobs=[],
+                    )
+                )
+            done = {"content_index": 0, "text": reply.text, "logprobs": []}
+            events.append(event("response.output_text.done", **at, **done))
+            events.append(
+                event("response.content_part.done", **at, content_index=0, part=item["content"][0])
+            )
+        events.append(event("response.output_item.done", output_index=0, item=item))
+        events.append(event("response.completed", response=response))
+        await self._emit(events)
+
+    async def _messages(self, model: str, reply: DemoReply, stream: bool) -> None:
+        output = reply.output_tokens
+        if reply.tool:
+            block: dict[str, Any] = {
+                "type": "tool_use",
+                "id": "toolu_demo" + secrets.token_hex(8),
+                "name": reply.tool,
+                "input": json.loads(reply.arguments),
+            }
+        else:
+            block = {"type": "text", "text": reply.text}
+        usage = {
+            "input_tokens": reply.prompt_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": output,
+        }
+        message = {
+            "id": "msg_demo" + secrets.token_hex(8),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [block],
+            "stop_reason": "tool_use" if reply.tool else "end_turn",
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        if not stream:
+            self.send_json(message)
+            return
+        start = {
+            **message,
+            "content": [],
+            "stop_reason": None,
+            "usage": {**usage, "output_tokens": 1},
+        }
+        events = [_sse({"type": "message_start", "message": start}, "message_start")]
+        if reply.tool:
+            opened = {**block, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": reply.arguments}]
+        else:
+            opened = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": piece} for piece in _pieces(reply.text)]
+        events.append(
+            _sse(
+                {"type": "content_block_start", "index": 0, "content_block": opened},
+                "content_block_start",
+            )
+        )
+        events.append(_sse({"type": "ping"}, "ping"))
+        for delta in deltas:
+            events.append(
+                _sse(
+                    {"type": "content_block_delta", "index": 0, "delta": delta},
+                    "content_block_delta",
+                )
+            )
+        events.append(_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        events.append(
+            _sse(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                    "usage": {"output_tokens": output},
+                },
+                "message_delta",
+            )
+        )
+        events.append(_sse({"type": "message_stop"}, "message_stop"))
+        await self._emit(events)
 
     def get(self, endpoint: str) -> None:
         if endpoint != "models":
@@ -4644,6 +5299,21 @@ def make_app(service: Service) -> tornado.web.Application:
             OpenAIRelayHandler,
             {**deps, "path": "/embeddings", "validate": validate_embedding},
         ),
+        (
+            r"/v1/responses",
+            OpenAIRelayHandler,
+            {**deps, "path": "/responses", "validate": validate_responses, "api": API_RESPONSES},
+        ),
+        (
+            r"/v1/messages",
+            AnthropicHandler,
+            {**deps, "path": "/messages", "validate": validate_messages, "api": API_ANTHROPIC},
+        ),
+        (
+            r"/v1/messages/count_tokens",
+            CountTokensHandler,
+            {**deps, "path": "/messages/count_tokens", "validate": validate_count_tokens},
+        ),
         (r"/v1/models", ModelsHandler, deps),
         (r"/v1/models/(.+)", ModelsHandler, deps),
         (r"/v1/.*", OpenAINotFoundHandler, deps),
@@ -4657,7 +5327,14 @@ def make_app(service: Service) -> tornado.web.Application:
     ]
     if service.config.demo:
         routes.append(
-            (r"/demo/v1/(chat/completions|completions|embeddings|models)", DemoModelHandler, deps)
+            (
+                r"/demo/v1/(chat/completions|completions|embeddings|responses|models)",
+                DemoModelHandler,
+                deps,
+            )
+        )
+        routes.append(
+            (r"/demo/anthropic/v1/(messages|messages/count_tokens)", DemoModelHandler, deps)
         )
     routes.append((r".*", NotFoundHandler, deps))
     return tornado.web.Application(
@@ -4724,6 +5401,8 @@ class Gateway:
                 config,
                 upstream_base_url=f"http://{host}:{self.port}/demo/v1",
                 upstream_api_key="demo-upstream",
+                anthropic_base_url=f"http://{host}:{self.port}/demo/anthropic/v1",
+                anthropic_api_key="demo-upstream",
             )
         self.service = Service(config, self.users, self.store, self.clock)
         self.service.queue.start()
@@ -4782,6 +5461,7 @@ class Gateway:
         await self.store.close()
         self.service.calls.close()
         self.service.upstream.close()
+        self.service.anthropic.close()
         await self.server.close_all_connections()
 
     async def _drain(self) -> None:
