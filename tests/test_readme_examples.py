@@ -40,6 +40,26 @@ async def test_python_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
     assert out.count("You said: Hello!") == 2  # once whole, once streamed
 
 
+async def test_anthropic_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
+    """The Messages API example runs as written, and Claude Code's two variables name the
+    gateway's base URL without /v1 and a user's key."""
+    code = snippet("python", "import anthropic").replace("http://127.0.0.1:8000", demo.base)
+    (tmp_path / "snippet.py").write_text(code)
+    out = await run([sys.executable, "snippet.py"], tmp_path)
+    assert "You said: Hello!" in out
+    claude = snippet("sh", "export ANTHROPIC_BASE_URL")
+    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:8000\n" in claude
+    assert "ANTHROPIC_AUTH_TOKEN=your-api-key-here" in claude
+
+
+async def test_responses_snippet(demo: Proc, tmp_path: Path) -> None:
+    setup = snippet("python", "from openai").split("reply =")[0]
+    code = setup + snippet("python", "response = client.responses")
+    (tmp_path / "snippet.py").write_text(code.replace("http://127.0.0.1:8000", demo.base))
+    out = await run([sys.executable, "snippet.py"], tmp_path)
+    assert "You said: Hello!" in out
+
+
 @pytest.mark.slow
 async def test_node_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
     npm = shutil.which("npm")
