@@ -3748,6 +3748,7 @@ class RelayHandler(BaseHandler, StreamSink):
         super().initialize(service)
         self.body_limit = service.config.max_body_size
         self.job: Job | None = None
+        self.deployment: str | None = None  # Azure's /deployments/{model}/… path
         self.left = False  # the client closed its connection
         self.record = CallRecord(self.request.path)
 
@@ -3761,6 +3762,10 @@ class RelayHandler(BaseHandler, StreamSink):
         service, rec = self.service, cast(CallRecord, self.record)
         body = self.body()
         request = parse_json_object(body)
+        if self.deployment is not None and "model" not in request:
+            # Azure OpenAI's clients name the model in the path, not the body.
+            request["model"] = self.deployment
+            body = json.dumps(request, ensure_ascii=False).encode()
         stream = rec.stream = self.validate(request)
         rec.model = str(request.get("model"))[:100]
         target = self.target()
@@ -3910,7 +3915,9 @@ class OpenAIRelayHandler(OpenAIHandler, RelayHandler):
     def validate(self, request: dict[str, Any]) -> bool:
         return self.validator(request)
 
-    async def post(self) -> None:
+    async def post(self, deployment: str | None = None) -> None:
+        if deployment is not None:
+            self.deployment = urllib.parse.unquote(deployment)[:200]
         done = await self.run()
         if done is None:
             return  # the client left while queued: nobody to answer
@@ -4000,7 +4007,7 @@ class AnthropicHandler(OpenAIRelayHandler):
 class CountTokensHandler(AnthropicHandler):
     """POST /v1/messages/count_tokens: relayed to the Anthropic upstream, never charged."""
 
-    async def post(self) -> None:
+    async def post(self) -> None:  # type: ignore[override]  # no Azure path here
         body = self.body()
         validate_count_tokens(parse_json_object(body))
         try:
@@ -4246,6 +4253,14 @@ class MetricsHandler(AdminBase):
 
 
 DEMO_SCHEMA_DEPTH = 8  # nested objects the demo fills in; deeper ones get a plain string
+_DEMO_FORMATS = {  # JSON schema string formats, as pydantic writes them
+    "date": "2026-01-01",
+    "date-time": "2026-01-01T00:00:00Z",
+    "time": "00:00:00",
+    "email": "demo@example.com",
+    "uri": "https://example.com/",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+}
 
 
 def _demo_value(schema: Any, root: Any, depth: int = 0) -> Any:
@@ -4284,7 +4299,15 @@ def _demo_value(schema: Any, root: Any, depth: int = 0) -> Any:
             if isinstance(n, str)
         }
     if kind == "array":
-        return [_demo_value(schema.get("items"), root, depth + 1)]
+        least = schema.get("minItems")
+        count = least if type(least) is int and 1 <= least <= 10 else 1
+        return [_demo_value(schema.get("items"), root, depth + 1) for _ in range(count)]
+    if kind == "string" or kind is None:
+        text = _DEMO_FORMATS.get(str(schema.get("format")), "demo")
+        least = schema.get("minLength")
+        if type(least) is int and 0 < least <= 1000 and len(text) < least:
+            text = text + "x" * (least - len(text))
+        return text
     minimum = schema.get("minimum")
     number = minimum if isinstance(minimum, int | float) and not isinstance(minimum, bool) else 1
     return {
@@ -5313,6 +5336,19 @@ def make_app(service: Service) -> tornado.web.Application:
             r"/v1/messages/count_tokens",
             CountTokensHandler,
             {**deps, "path": "/messages/count_tokens", "validate": validate_count_tokens},
+        ),
+        *(
+            # Azure OpenAI's paths (its SDK, with an `api-key` header): the deployment is the model.
+            (
+                rf"/(?:v1|openai)/deployments/([^/]+)/{name}",
+                OpenAIRelayHandler,
+                {**deps, "path": f"/{name}", "validate": validate},
+            )
+            for name, validate in (
+                ("chat/completions", validate_chat_stream),
+                ("completions", validate_completion),
+                ("embeddings", validate_embedding),
+            )
         ),
         (r"/v1/models", ModelsHandler, deps),
         (r"/v1/models/(.+)", ModelsHandler, deps),

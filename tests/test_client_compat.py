@@ -89,3 +89,48 @@ async def test_the_demo_embeds_each_input(demo: Proc, encoding: str | None) -> N
     if encoding != "base64":  # the SDK decodes what it asked for itself
         parsed = raw.parse()
         assert [len(d.embedding) for d in parsed.data] == [16, 16, 16]
+
+
+def test_the_azure_openai_client_reaches_the_deployment_paths(demo: Proc) -> None:
+    """openai.AzureOpenAI puts the model in the path (/deployments/{model}/…) and the key in
+    an api-key header; both its base_url and azure_endpoint forms work, and the charge is
+    the user's."""
+    for client in (
+        openai.AzureOpenAI(base_url=demo.base + "/v1", api_key=DEMO_KEY, api_version="2024-10-21"),
+        openai.AzureOpenAI(azure_endpoint=demo.base, api_key=DEMO_KEY, api_version="2024-10-21"),
+    ):
+        reply = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "via azure"}]
+        )
+        assert reply.choices[0].message.content.endswith("You said: via azure")
+        vectors = client.embeddings.create(model="demo", input=["a", "b"])
+        assert [d.index for d in vectors.data] == [0, 1]
+    with pytest.raises(openai.AuthenticationError):
+        openai.AzureOpenAI(
+            azure_endpoint=demo.base, api_key="wrong-key-000000", api_version="2024-10-21"
+        ).chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}])
+
+
+def test_the_demo_fills_string_formats_and_sizes_of_a_schema(demo: Proc) -> None:
+    """A json_schema with dates, date-times, minLength and minItems gets a value the
+    schema's own validator (pydantic) accepts."""
+    import datetime
+
+    import pydantic
+
+    class Meeting(pydantic.BaseModel):
+        title: str = pydantic.Field(min_length=12)
+        day: datetime.date
+        starts: datetime.datetime
+        room: str | None = None
+        people: list[str] = pydantic.Field(min_length=3)
+
+    sync = openai.OpenAI(base_url=demo.base + "/v1", api_key=DEMO_KEY, max_retries=0)
+    parsed = sync.chat.completions.parse(
+        model="demo",
+        messages=[{"role": "user", "content": "plan it"}],
+        response_format=Meeting,
+    )
+    meeting = parsed.choices[0].message.parsed
+    assert isinstance(meeting, Meeting)
+    assert len(meeting.title) >= 12 and len(meeting.people) >= 3
