@@ -2910,6 +2910,7 @@ class SSERelay:
         self._ascii = 0
         self._other = 0
         self._counts: dict[str, int] = {}  # Anthropic's usage fields, as they arrive
+        self._escaped: Any = None  # the last event's JSON, when it holds \\u escapes
 
     def on_header(self, line: str) -> None:
         if line.startswith("HTTP/"):
@@ -2949,6 +2950,8 @@ class SSERelay:
             begin = end + 2
             if not self._inspect(event):
                 continue
+            if self._escaped and b"\\u" in event:
+                event = self._unescaped(event)
             if self.done:  # held until the charge is written; bounded like one event
                 if len(self.tail) + len(event) <= self.max_event:
                     self.tail += self.redactor.data(event + b"\n\n")
@@ -2974,6 +2977,7 @@ class SSERelay:
 
     def _inspect(self, event: bytes) -> bool:
         """Note what an event says; return whether to forward it (now, or in the tail)."""
+        self._escaped = None
         data = [
             line[6:] if line.startswith(b"data: ") else line[5:]
             for line in event.split(b"\n")
@@ -2991,6 +2995,7 @@ class SSERelay:
             return True
         if not isinstance(obj, dict):
             return True
+        self._escaped = obj if self.redactor.secrets and b"\\u" in payload else None
         if self.api == API_RESPONSES:
             self._responses_event(obj)
             return True
@@ -3011,6 +3016,15 @@ class SSERelay:
             if choice.get("finish_reason"):
                 self.finished = True
         return not (self.strip_usage and usage is not None and not choices)
+
+    def _unescaped(self, event: bytes) -> bytes:
+        """The event with its JSON written plainly, if that shows a configured secret (an
+        upstream may write one in \\u escapes, which the byte-level redaction cannot see)."""
+        plain = _compact(self._escaped)
+        if self.redactor.data(plain) is plain:
+            return event
+        head = [line for line in event.split(b"\n") if not line.startswith(b"data:")]
+        return b"\n".join([*head, b"data: " + plain])
 
     def _note_id(self, obj: Any) -> None:
         if not self.upstream_id and isinstance(obj, dict) and isinstance(obj.get("id"), str):
@@ -3108,7 +3122,8 @@ class SSERelay:
             raise UpstreamFailure(
                 self.status, "upstream did not answer the stream request with an event stream"
             )
-        if error is None and not self.cut and (self.done or self.finished):
+        if self.done or (error is None and not self.cut and self.finished):
+            # The closing event arrived: whatever happened after it, the answer is whole.
             return Answer(None, usage, tail=bytes(self.tail), upstream_id=uid)
         reason = self.cut or error or "upstream closed the stream before it was complete"
         try:
