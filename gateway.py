@@ -3075,7 +3075,9 @@ class SSERelay:
             for name in _ANTHROPIC_USAGE:
                 if (n := _count(usage.get(name))) is not None:
                     self._counts[name] = n
-            if "output_tokens" in self._counts:
+            # message_start's output_tokens is a placeholder (1): the count holds from the
+            # first message_delta on; until then a broken stream is charged an estimate.
+            if kind == "message_delta" and "output_tokens" in self._counts:
                 self.usage = _exact_usage(self._counts)
 
     def partial_usage(self) -> Usage:
@@ -3083,7 +3085,9 @@ class SSERelay:
         when it sent one at the start, as Anthropic's message_start does)."""
         known = _exact_usage({**self._counts, "output_tokens": 0}) if self._counts else None
         prompt = known.prompt_tokens if known else estimate_request_tokens(self.request, self.size)
-        completion = math.ceil(self._ascii / 4) + self._other
+        completion = max(
+            math.ceil(self._ascii / 4) + self._other, self._counts.get("output_tokens", 0)
+        )
         return Usage(prompt, completion, prompt + completion, estimated=True)
 
     def error_event(self, message: str) -> bytes:
@@ -5398,18 +5402,56 @@ def make_app(service: Service) -> tornado.web.Application:
 
 
 _BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"
-_JSON_400 = _compact(envelope(False, MSG_BAD_REQUEST, {"error": "malformed HTTP request"}))
+_MALFORMED = "malformed HTTP request"
+_JSON_400 = {  # by the path's API: Anthropic's, OpenAI's, else the contract's envelope
+    "/v1/messages": _compact(
+        {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "message": f"{MSG_BAD_REQUEST}: {_MALFORMED}",
+                "code": "invalid_request",
+            },
+        }
+    ),
+    "/v1/": _compact(
+        {
+            "error": {
+                "message": f"{MSG_BAD_REQUEST}: {_MALFORMED}",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_request",
+            }
+        }
+    ),
+    "": _compact(envelope(False, MSG_BAD_REQUEST, {"error": _MALFORMED})),
+}
 
 
 class _JSONErrorStream(tornado.iostream.IOStream):
     """A connection whose one non-JSON answer, Tornado's bare 400 for a request it cannot
-    parse (bad chunked encoding, invalid header, bad Content-Length), is sent as JSON."""
+    parse (bad chunked encoding, invalid header, bad Content-Length), is sent as JSON, in the
+    error shape of the API its request line named."""
+
+    _path = b""
+
+    def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Any:
+        read = cast("asyncio.Future[bytes]", super().read_until_regex(regex, max_bytes))
+        read.add_done_callback(self._note_path)  # Tornado reads each header block this way
+        return read
+
+    def _note_path(self, read: asyncio.Future[bytes]) -> None:
+        if not read.cancelled() and read.exception() is None:
+            parts = read.result().lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ")
+            self._path = parts[1][:200] if len(parts) > 1 else b""
 
     def write(self, data: bytes | memoryview) -> asyncio.Future[None]:
         if data == _BARE_400:
+            path = self._path.decode("latin-1")
+            body = next(v for k, v in _JSON_400.items() if path.startswith(k))
             data = (
                 b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=utf-8\r\n"
-                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_JSON_400), _JSON_400)
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
         return super().write(data)
 

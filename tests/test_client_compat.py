@@ -5,10 +5,12 @@ base64 embeddings)."""
 from __future__ import annotations
 
 import base64
+import datetime
 import struct
 import time
 
 import openai
+import pydantic
 import pytest
 from conftest import ALICE_KEY, Env, Proc
 
@@ -114,9 +116,6 @@ def test_the_azure_openai_client_reaches_the_deployment_paths(demo: Proc) -> Non
 def test_the_demo_fills_string_formats_and_sizes_of_a_schema(demo: Proc) -> None:
     """A json_schema with dates, date-times, minLength and minItems gets a value the
     schema's own validator (pydantic) accepts."""
-    import datetime
-
-    import pydantic
 
     class Meeting(pydantic.BaseModel):
         title: str = pydantic.Field(min_length=12)
