@@ -4593,7 +4593,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.send_json(envelope(False, message, data), status)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, GatewayError | tornado.web.HTTPError | QuotaExceeded):
+        if isinstance(value, GatewayError | tornado.web.HTTPError | QuotaExceeded | UnknownModel):
             return  # an answer, not a fault; the access log records it
         who = self.user.name if self.user else "-"
         if isinstance(value, StoreError | ConfigError):
@@ -4796,6 +4796,8 @@ class OpenAIHandler(BaseHandler):
         }
         if data and "error" not in data:
             error["details"] = data  # e.g. the daily counts of a 429
+        if data and "attempts" in data:
+            error["attempts"] = data["attempts"]  # routing: every upstream tried
         self.set_limit_headers()
         self.send_json({"error": error}, status)
 
@@ -4904,6 +4906,8 @@ class AnthropicHandler(OpenAIRelayHandler):
         }
         if data and "error" not in data:
             error["details"] = data  # e.g. the daily counts of a 429
+        if data and "attempts" in data:
+            error["attempts"] = data["attempts"]  # routing: every upstream tried
         self.set_limit_headers()
         self.send_json({"type": "error", "error": error}, status)
 
