@@ -2093,9 +2093,11 @@ class Upstream:
         reply, raw = await self._fetch(self._request(path, "POST", headers, key, body=body))
         return reply, raw
 
-    async def get_json(self, path: str, key: str | None = None) -> dict[str, Any]:
+    async def get_json(
+        self, path: str, key: str | None = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """GET a JSON object, parsed from the relayable (redacted) bytes."""
-        _, raw = await self._fetch(self._request(path, key=key))
+        _, raw = await self._fetch(self._request(path, headers=headers, key=key))
         return json.loads(raw)  # type: ignore[no-any-return]
 
     async def stream(
@@ -4325,6 +4327,7 @@ class Service:
             "users": users,
             "history": history,
             "failures": self.calls.recent_failures(50),
+            "upstreams": self.router.describe(self.clock.now()),
         }
 
     def _day_usage(self, day: str, today: bool) -> dict[str, tuple[int, int]]:
@@ -5119,6 +5122,71 @@ class AdminActionHandler(AdminBase):
         self.send_json(envelope(True, MSG_OK, {"user": name, "action": action}))
 
 
+_STATE_VALUE = {"ok": 0, "resting": 1, "disabled": 2}
+
+
+def upstream_metrics(router: Router) -> str:
+    """Per-upstream counters and state gauges, in Prometheus' text format."""
+    now = router.now()
+    families = {
+        "gateway_upstream_calls_total": ("counter", "Attempts sent to each upstream."),
+        "gateway_upstream_failures_total": ("counter", "Failed attempts, by upstream."),
+        "gateway_upstream_in_flight": ("gauge", "Calls running on each upstream now."),
+        "gateway_upstream_state": ("gauge", "0 ok, 1 resting, 2 every key disabled."),
+        "gateway_upstream_key_state": ("gauge", "0 ok, 1 resting, 2 disabled; by key fingerprint."),
+    }
+    lines = {
+        name: [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        for name, (kind, text) in families.items()
+    }
+    for ch in router.channels.values():
+        label = f'upstream="{_label(ch.name)}"'
+        lines["gateway_upstream_calls_total"].append(
+            f"gateway_upstream_calls_total{{{label}}} {ch.calls}"
+        )
+        lines["gateway_upstream_failures_total"].append(
+            f"gateway_upstream_failures_total{{{label}}} {ch.failures}"
+        )
+        lines["gateway_upstream_in_flight"].append(
+            f"gateway_upstream_in_flight{{{label}}} {ch.in_flight}"
+        )
+        lines["gateway_upstream_state"].append(
+            f"gateway_upstream_state{{{label}}} {_STATE_VALUE[ch.state(now)]}"
+        )
+        for k in ch.keys:
+            value = 2 if k.disabled else 1 if k.resting_until > now else 0
+            lines["gateway_upstream_key_state"].append(
+                f'gateway_upstream_key_state{{{label},key="{k.fingerprint}"}} {value}'
+            )
+    return "".join(line + "\n" for group in lines.values() for line in group)
+
+
+class UpstreamKeyHandler(AdminBase):
+    """POST /admin/api/upstreams/enable-key with {"upstream": name, "key": fingerprint}:
+    a key taken out of use (401/403) or resting (429) is used again at once."""
+
+    body_limit = FORM_BODY
+
+    def check_access(self) -> None:
+        super().check_access()
+        self.require_login()
+
+    def post(self) -> None:
+        self.check_origin()
+        try:
+            doc = json.loads(self.body())
+        except (ValueError, RecursionError):
+            doc = None
+        upstream = doc.get("upstream") if isinstance(doc, dict) else None
+        key = doc.get("key") if isinstance(doc, dict) else None
+        if not isinstance(upstream, str) or not isinstance(key, str):
+            raise bad_request('the body must be {"upstream": "<name>", "key": "sha256:…"}')
+        if not self.service.router.enable_key(upstream, key):
+            raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no key {key!r} in {upstream!r}"})
+        log.info("admin: re-enabled key %s of upstream %s", key, upstream)
+        self.send_json(envelope(True, MSG_OK, {"upstream": upstream, "key": key}))
+
+
 class MetricsHandler(AdminBase):
     """GET /metrics: Prometheus text format; Bearer <admin key> or an admin login."""
 
@@ -5153,7 +5221,7 @@ class MetricsHandler(AdminBase):
             ),
         }
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(service.metrics.render(gauges))
+        self.finish(service.metrics.render(gauges) + upstream_metrics(service.router))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5686,6 +5754,9 @@ table { width:100%; border-collapse:collapse; font-size:13px; }
 th, td { text-align:left; padding:6px 8px; border-bottom:1px solid var(--line); }
 th { color:var(--muted); font-weight:500; }
 td.status { font-weight:600; color:var(--red); }
+td.state.resting, .key.resting { color:#b7791f; }
+td.state.disabled, .key.disabled { color:var(--red); }
+.key button { padding:1px 6px; font-size:11px; }
 .empty { color:var(--muted); padding:8px 0; }
 .login { max-width:360px; margin:12vh auto; }
 .login input { width:100%; font:inherit; padding:8px 10px; margin:10px 0;
@@ -5738,6 +5809,10 @@ DASHBOARD_PAGE = (
   <span><i class="tok"></i>tokens</span></div>
  <svg id="history" width="100%" height="230" viewBox="0 0 1060 230"></svg>
 </section>
+<h2>Upstreams</h2>
+<section class="panel"><table><thead><tr><th>Upstream</th><th>State</th><th>Calls</th>
+<th>Failures</th><th>Latency</th><th>Last error</th><th>Keys</th></tr></thead>
+<tbody id="upstreams"></tbody></table></section>
 <h2>Last failed calls</h2>
 <section class="panel"><table><thead><tr><th>Time</th><th>User</th><th>Endpoint</th>
 <th>Model</th><th>Status</th><th>Reason</th></tr></thead><tbody id="failures"></tbody></table>
@@ -5861,6 +5936,38 @@ function drawLive(g) {
     el("small", {textContent: " requests"}));
   document.getElementById("today-tokens").textContent = fmt(g.today_tokens) + " tokens";
 }
+async function enableKey(upstream, fingerprint) {
+  const r = await fetch("/admin/api/upstreams/enable-key", {method: "POST",
+    headers: {"X-XSRFToken": XSRF, "Content-Type": "application/json"},
+    body: JSON.stringify({upstream: upstream, key: fingerprint}), credentials: "same-origin"});
+  const body = await r.json().catch(() => ({}));
+  document.getElementById("notice").textContent =
+    r.ok ? "" : (body.data && body.data.error) || body.message || ("HTTP " + r.status);
+  refresh();
+}
+function drawUpstreams(rows) {
+  const state = (s, until) => s + (until ? " until " + until.slice(11, 19) : "");
+  document.getElementById("upstreams").replaceChildren(...rows.map((u) => {
+    const keys = el("td", {});
+    for (const k of u.keys) {
+      const line = el("div", {className: "key " + k.state,
+        textContent: k.fingerprint + ": " + state(k.state, k.resting_until) + ", " +
+          fmt(k.calls) + " calls" + (k.disabled ? " (" + k.disabled + ")" : "")});
+      if (k.state !== "ok") line.append(" ", el("button", {textContent: "re-enable",
+        onclick: () => enableKey(u.name, k.fingerprint)}));
+      keys.append(line);
+    }
+    const row = el("tr", {},
+      el("td", {textContent: u.name, title: u.base_url + " " + u.models.join(", ")}),
+      el("td", {className: "state " + u.state, textContent: state(u.state, u.resting_until)}),
+      el("td", {textContent: fmt(u.calls) + (u.in_flight ? " (" + u.in_flight + " now)" : "")}),
+      el("td", {textContent: fmt(u.failures)}),
+      el("td", {textContent: u.latency_ms ? u.latency_ms + " ms" : "–"}),
+      el("td", {textContent: u.last_error || ""}), keys);
+    row.dataset.upstream = u.name;
+    return row;
+  }));
+}
 function drawFailures(rows) {
   document.getElementById("failures").replaceChildren(...rows.map((f) => el("tr", {},
     el("td", {textContent: (f.time || "").replace("T", " ").slice(0, 19)}),
@@ -5881,6 +5988,7 @@ async function refresh() {
   drawUsers(data.users);
   drawHistory(data.history);
   drawFailures(data.failures);
+  drawUpstreams(data.upstreams);
   document.body.dataset.loaded = "1";
 }
 refresh();
@@ -6161,6 +6269,73 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
     return EXIT_OK
 
 
+async def check_upstreams(config: Config, spec: RoutingSpec) -> list[dict[str, Any]]:
+    """Ask every upstream for its model list with each of its keys (16 at a time); one row
+    per key, naming it by fingerprint."""
+    router = Router(spec, config, Redactor(config.secrets() + routing_secrets(spec)))
+    gate = asyncio.Semaphore(16)
+
+    async def one(ch: Channel, key: KeyState | None) -> dict[str, Any]:
+        row: dict[str, Any] = {"upstream": ch.name, "key": key.fingerprint if key else "-"}
+        if key is None:
+            return {**row, "result": "failed", "status": "", "models": "", "error": "no key"}
+        headers = {**ch.headers}
+        if ch.spec.api == API_ANTHROPIC:
+            headers["anthropic-version"] = "2023-06-01"
+        async with gate:
+            t0 = time.monotonic()
+            try:
+                doc = await ch.client.get_json("/models", key.secret, headers)
+            except UpstreamFailure as e:
+                return {
+                    **row,
+                    "result": "failed",
+                    "status": e.status or "",
+                    "models": "",
+                    "error": e.error,
+                }
+        data = doc.get("data")
+        count = len(data) if isinstance(data, list) else 0
+        ms = round((time.monotonic() - t0) * 1000)
+        return {**row, "result": "ok", "status": 200, "models": count, "error": f"{ms} ms"}
+
+    try:
+        return list(
+            await asyncio.gather(
+                *(
+                    one(ch, k)
+                    for ch in router.channels.values()
+                    for k in (list[KeyState | None](ch.keys) or [None])
+                )
+            )
+        )
+    finally:
+        router.close()
+
+
+def upstreams_main(argv: list[str], env: dict[str, str]) -> int:
+    """`python gateway.py upstreams check`: exit 0 when every key of every upstream works."""
+    parser = argparse.ArgumentParser(
+        prog="gateway.py upstreams",
+        description="Check each upstream and key of upstreams.yaml (or the command line's "
+        "upstream) by asking for its model list. Gateway options (--upstreams-file, "
+        "--users-file, --upstream-base-url, ...) are accepted as for the server.",
+    )
+    parser.add_argument("action", choices=["check"])
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config = parse_config(rest, env)
+        spec = RoutingFile(str(config.routing_file()), config, env).load()
+    except (ConfigError, tornado.options.Error) as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    rows = asyncio.run(check_upstreams(config, spec))
+    columns = ["upstream", "key", "result", "status", "models", "error"]
+    print(_emit(rows, args.format, columns))
+    return EXIT_OK if all(r["result"] == "ok" for r in rows) else EXIT_NOT_FOUND
+
+
 # ---------------------------------------------------------------------------------------------
 # Main: routes, the HTTP server, the running service, the command line
 # ---------------------------------------------------------------------------------------------
@@ -6239,6 +6414,7 @@ def make_app(service: Service) -> tornado.web.Application:
         (r"/admin/logout", AdminLogoutHandler, deps),
         (r"/admin/api/state", AdminStateHandler, deps),
         (r"/admin/api/users/(enable|disable|reset)", AdminActionHandler, deps),
+        (r"/admin/api/upstreams/enable-key", UpstreamKeyHandler, deps),
         (r"/admin/api/users/([^/]+)/(enable|disable|reset)", AdminActionHandler, deps),
     ]
     if service.config.demo:
@@ -6428,6 +6604,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("user", "usage"):
         return admin_main(argv, dict(os.environ))
+    if argv and argv[0] == "upstreams":
+        return upstreams_main(argv[1:], dict(os.environ))
     try:
         config = parse_config(argv, dict(os.environ))
     except (ConfigError, tornado.options.Error) as e:
