@@ -2636,11 +2636,20 @@ class Router:
         self.install(spec)
 
     def install(self, spec: RoutingSpec) -> None:
-        """Take a new routing; upstreams and keys that did not change keep their state (a
-        disabled key comes back: the file changed). Calls in flight finish where they are."""
+        """Take a new routing. An upstream whose settings did not change is kept as it is
+        (its calls in flight, rest and figures); one whose settings changed keeps its health
+        and figures. Either way a disabled key comes back: the file changed. Calls in flight
+        finish where they started."""
         old = self.channels
         channels = {}
         for s in spec.upstreams:
+            before = old.get(s.name)
+            if before is not None and before.spec == s:
+                before.client.redactor = self.redactor
+                for k in before.keys:
+                    k.disabled = ""
+                channels[s.name] = before
+                continue
             client = Upstream(
                 self.config,
                 s.base_url,
@@ -2651,15 +2660,11 @@ class Router:
                 share=self.pool,
             )
             ch = Channel(s, client, self.config.concurrency)
-            before = old.get(s.name)
             if before is not None and before.spec.base_url == s.base_url:
-                ch.resting_until, ch.failures_in_row = before.resting_until, before.failures_in_row
-                ch.calls, ch.failures, ch.last_error = (
-                    before.calls,
-                    before.failures,
-                    before.last_error,
-                )
-                ch.latency_ms, ch.in_flight = before.latency_ms, before.in_flight
+                # Health and figures carry over; calls in flight release the old object.
+                for name in ("resting_until", "failures_in_row", "calls", "failures"):
+                    setattr(ch, name, getattr(before, name))
+                ch.last_error, ch.latency_ms = before.last_error, before.latency_ms
                 states = {k.secret: k for k in before.keys}
                 for i, k in enumerate(ch.keys):
                     if (was := states.get(k.secret)) is not None:
@@ -3989,10 +3994,13 @@ class Service:
         if self.stopping:
             raise GatewayError(503, MSG_STOPPING, {"error": "the gateway is shutting down"})
         if not self.router.configured(api):
-            what = "an Anthropic" if api == API_ANTHROPIC else "an upstream"
-            raise GatewayError(
-                500, MSG_SERVER_ERROR, {"error": f"no {what} API key is configured on the gateway"}
+            what = (
+                "no Anthropic upstream is configured (api: anthropic in upstreams.yaml, or "
+                "--anthropic-api-key / ANTHROPIC_API_KEY)"
+                if api == API_ANTHROPIC
+                else "no upstream API key is configured on the gateway"
             )
+            raise GatewayError(500, MSG_SERVER_ERROR, {"error": what})
         if self.queue.full():
             raise self._queue_full()
 
