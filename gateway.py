@@ -47,6 +47,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import fnmatch
 import gc
 import hashlib
 import hmac
@@ -65,7 +66,7 @@ import struct
 import sys
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -110,6 +111,11 @@ MSG_STOPPING = "服务正在停止"
 MSG_FORBIDDEN = "无权访问"
 MSG_TOO_MANY = "请求过于频繁"
 
+# The client APIs the gateway speaks: OpenAI's (chat, completions, embeddings), OpenAI's
+# Responses API, Anthropic's Messages API. An upstream speaks OpenAI's or Anthropic's.
+API_OPENAI, API_RESPONSES, API_ANTHROPIC = "openai", "responses", "anthropic"
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]{1,512}")  # a header value passed on or configured
+
 MESSAGE_BY_STATUS = {
     400: MSG_BAD_REQUEST,
     401: MSG_BAD_KEY,
@@ -130,6 +136,7 @@ _OPENAI_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
     431: "invalid_request_error",
     429: "rate_limit_error",
     502: "upstream_error",
@@ -211,12 +218,28 @@ class QuotaExceeded(Exception):
 
 
 class UpstreamFailure(Exception):
-    """The upstream call failed: unreachable, timed out, non-2xx, or not a JSON object."""
+    """The upstream call failed: unreachable, timed out, non-2xx, or not a JSON object.
 
-    def __init__(self, status: int | None, error: str) -> None:
+    `responded`: an HTTP answer (its status line at least) arrived; `retry_after`: the
+    upstream's Retry-After in seconds, if it sent one; `attempts`: every upstream tried for
+    the call, when routing tried more than one (names and statuses, never keys).
+    """
+
+    def __init__(
+        self,
+        status: int | None,
+        error: str,
+        *,
+        responded: bool | None = None,
+        retry_after: float | None = None,
+        attempts: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
+        self.responded = status is not None if responded is None else responded
+        self.retry_after = retry_after
+        self.attempts = attempts or []
 
 
 def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
@@ -244,8 +267,20 @@ def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
             # The SDKs obey x-should-retry: without it they sleep until midnight and retry.
             {"Retry-After": str(clock.seconds_to_midnight()), "x-should-retry": "false"},
         )
+    if isinstance(exc, UnknownModel):
+        return GatewayError(
+            400,
+            MSG_BAD_REQUEST,
+            {"error": f"no upstream serves model {exc.model!r}", "field": "model"},
+        )
     if isinstance(exc, UpstreamFailure):
-        return GatewayError(502, MSG_UPSTREAM, {"upstream_status": exc.status, "error": exc.error})
+        data: dict[str, Any] = {"upstream_status": exc.status, "error": exc.error}
+        if exc.attempts:
+            data["attempts"] = exc.attempts
+        headers = {}
+        if exc.retry_after is not None and exc.status is None:  # every upstream is resting
+            headers["Retry-After"] = str(math.ceil(exc.retry_after))
+        return GatewayError(502, MSG_UPSTREAM, data, headers)
     if isinstance(exc, StoreError):
         return GatewayError(
             500,
@@ -255,6 +290,14 @@ def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
     if isinstance(exc, ConfigError):
         return GatewayError(500, MSG_SERVER_ERROR, {"error": str(exc)})
     return None
+
+
+class UnknownModel(Exception):
+    """No upstream serves the model a call names (routing: upstreams.yaml's `models`)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.model = model
 
 
 class ClientLeft(tornado.httputil.HTTPInputError):
@@ -466,6 +509,7 @@ class Config:
     upstream_api_key: str = ""
     anthropic_base_url: str = "https://api.anthropic.com/v1"
     anthropic_api_key: str = ""
+    upstreams_file: str = ""
     upstream_timeout: float = 300.0
     upstream_connect_timeout: float = 10.0
     queue_size: int = 256
@@ -490,6 +534,12 @@ class Config:
     def cors(self) -> frozenset[str]:
         """The origins whose pages may call the API (`*`: any); empty: none."""
         return frozenset(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
+
+    def routing_file(self) -> Path:
+        """upstreams.yaml: --upstreams-file, else beside the users file."""
+        if self.upstreams_file:
+            return Path(self.upstreams_file)
+        return Path(self.users_file).parent / "upstreams.yaml"
 
     def secrets(self) -> tuple[str, ...]:
         """The configured secrets: redacted wherever outside text enters the gateway."""
@@ -541,6 +591,13 @@ def define_options() -> tornado.options.OptionParser:
         str,
         "the team's key for --anthropic-base-url (also ANTHROPIC_API_KEY); "
         "empty: /v1/messages answers 500",
+    )
+    p.define(
+        "upstreams-file",
+        d.upstreams_file,
+        str,
+        "several upstreams, keys, model names, retries (README: Routing); "
+        "empty: upstreams.yaml beside the users file, if it exists",
     )
     p.define("upstream-timeout", d.upstream_timeout, float, "seconds for a whole upstream call")
     p.define("upstream-connect-timeout", d.upstream_connect_timeout, float, "seconds to connect")
@@ -1873,6 +1930,15 @@ class _CachingResolver(tornado.netutil.DefaultExecutorResolver):
         return addresses
 
 
+def _retry_after(value: str | None) -> float | None:
+    """An upstream's Retry-After in seconds (a number of seconds; an HTTP date is not read)."""
+    try:
+        seconds = float(value) if value else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < 1e6 else None
+
+
 def _error_message(body: bytes | None) -> str:
     """The upstream's own error message (OpenAI shape), or the start of its body."""
     text = (body or b"").decode("utf-8", "replace")
@@ -1890,20 +1956,36 @@ def _error_message(body: bytes | None) -> str:
 class Upstream:
     """Calls one upstream (OpenAI-compatible, or Anthropic's API) with the team's key."""
 
+    curl: bool
+    client: tornado.httpclient.AsyncHTTPClient
+    stream_client: tornado.httpclient.AsyncHTTPClient
+
     def __init__(
         self,
         config: Config,
         base_url: str | None = None,
         api_key: str | None = None,
         auth: str = "bearer",
+        *,
+        timeout: float | None = None,
+        redactor: Redactor | None = None,
+        share: Upstream | None = None,
     ) -> None:
         self.base_url = (config.upstream_base_url if base_url is None else base_url).rstrip("/")
         self.api_key = config.upstream_api_key if api_key is None else api_key
         self.auth = auth  # "bearer": Authorization: Bearer <key>; "x-api-key": Anthropic's header
         # Upstream text enters the gateway here and nowhere else; it is redacted on the way in.
-        self.redactor = Redactor(config.secrets())
-        self.timeout = config.upstream_timeout
+        self.redactor = redactor or Redactor(config.secrets())
+        self.timeout = config.upstream_timeout if timeout is None else timeout
         self.connect_timeout = config.upstream_connect_timeout
+        self.shared = share is not None
+        if share is not None:  # another upstream's connection pools (routing: one set for all)
+            self.curl, self.client, self.stream_client = (
+                share.curl,
+                share.client,
+                share.stream_client,
+            )
+            return
         # Tornado's default max_clients=10 would silently cap in-flight calls below --concurrency.
         kwargs: dict[str, Any] = {
             "force_instance": True,
@@ -1919,7 +2001,7 @@ class Upstream:
             # that would put the upstream key in the log.
             logging.getLogger("tornado.curl_httpclient").setLevel(logging.INFO)
 
-            self.client: tornado.httpclient.AsyncHTTPClient = CurlAsyncHTTPClient(**kwargs)
+            self.client = CurlAsyncHTTPClient(**kwargs)
         else:
             self.client = tornado.simple_httpclient.SimpleAsyncHTTPClient(
                 resolver=_CachingResolver(), **kwargs
@@ -1942,12 +2024,12 @@ class Upstream:
         path: str,
         method: str = "GET",
         headers: dict[str, str] | None = None,
+        key: str | None = None,
         **kwargs: Any,
     ) -> Any:
+        key = key or self.api_key
         key_header = (
-            {"x-api-key": self.api_key}
-            if self.auth == "x-api-key"
-            else {"Authorization": f"Bearer {self.api_key}"}
+            {"x-api-key": key} if self.auth == "x-api-key" else {"Authorization": f"Bearer {key}"}
         )
         return tornado.httpclient.HTTPRequest(
             self.base_url + path,
@@ -1966,15 +2048,21 @@ class Upstream:
         )
 
     async def _fetch(self, request: tornado.httpclient.HTTPRequest) -> Any:
+        seen: list[str] = []  # the status line, once the upstream began to answer
+        request.header_callback = lambda line: None if seen else seen.append(line)
         try:
             response = await self.client.fetch(request, raise_error=False)
         except (OSError, tornado.httpclient.HTTPClientError) as e:
             # No HTTP answer at all: refused, reset, DNS, TLS, or timed out (Tornado's 599).
-            raise UpstreamFailure(None, self._describe(e)) from None
+            raise UpstreamFailure(None, self._describe(e), responded=bool(seen)) from None
         if response.code == 599:
-            raise UpstreamFailure(None, self._describe(response.error))
+            raise UpstreamFailure(None, self._describe(response.error), responded=bool(seen))
         if not 200 <= response.code < 300:
-            raise UpstreamFailure(response.code, self.redactor.text(_error_message(response.body)))
+            raise UpstreamFailure(
+                response.code,
+                self.redactor.text(_error_message(response.body)),
+                retry_after=_retry_after(response.headers.get("Retry-After")),
+            )
         raw, odd = response.body, list[str]()
         try:
             if b"NaN" in raw or b"Infinity" in raw:
@@ -1999,15 +2087,17 @@ class Upstream:
         return reply, self.redactor.data(raw)
 
     async def post_json(
-        self, path: str, body: bytes, headers: dict[str, str] | None = None
+        self, path: str, body: bytes, headers: dict[str, str] | None = None, key: str | None = None
     ) -> tuple[dict[str, Any], bytes]:
         """POST a JSON body; return the reply, parsed and as sent (it must be a JSON object)."""
-        reply, raw = await self._fetch(self._request(path, "POST", headers, body=body))
+        reply, raw = await self._fetch(self._request(path, "POST", headers, key, body=body))
         return reply, raw
 
-    async def get_json(self, path: str) -> dict[str, Any]:
+    async def get_json(
+        self, path: str, key: str | None = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """GET a JSON object, parsed from the relayable (redacted) bytes."""
-        _, raw = await self._fetch(self._request(path))
+        _, raw = await self._fetch(self._request(path, headers=headers, key=key))
         return json.loads(raw)  # type: ignore[no-any-return]
 
     async def stream(
@@ -2016,7 +2106,9 @@ class Upstream:
         body: bytes,
         on_header: Callable[[str], None],
         on_chunk: Callable[[bytes], Awaitable[None]],
+        *,
         headers: dict[str, str] | None = None,
+        key: str | None = None,
     ) -> str | None:
         """POST and feed the answer to the callbacks as it arrives; return an error or None.
 
@@ -2024,7 +2116,13 @@ class Upstream:
         filling memory.
         """
         request = self._request(
-            path, "POST", headers, body=body, header_callback=on_header, streaming_callback=on_chunk
+            path,
+            "POST",
+            headers,
+            key,
+            body=body,
+            header_callback=on_header,
+            streaming_callback=on_chunk,
         )
         try:
             response = await self.stream_client.fetch(request, raise_error=False)
@@ -2044,6 +2142,8 @@ class Upstream:
         return self.redactor.text(f"connection failed: {text}")
 
     def close(self) -> None:
+        if self.shared:
+            return
         self.client.close()
         if self.stream_client is not self.client:
             self.stream_client.close()
@@ -2065,6 +2165,8 @@ class Answer:
     raw: bytes = b""  # the reply as the upstream sent it
     upstream_id: str = ""  # the upstream's id for the call (chatcmpl-…), if it gave one
     interrupted: str = ""  # why an incomplete stream ended
+    upstream: str = ""  # the name of the upstream that answered (routing)
+    attempts: int = 1  # upstreams tried, this one included
 
 
 @dataclass(eq=False)
@@ -2073,7 +2175,7 @@ class Job:
 
     call: Callable[[], Awaitable[Answer]]
     model: str = ""
-    upstream: Upstream | None = None
+    api: str = API_OPENAI  # what the upstream must speak: API_OPENAI or API_ANTHROPIC
     future: asyncio.Future[Answer] = dataclasses.field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -2150,6 +2252,654 @@ class CallQueue:
 
 
 # ---------------------------------------------------------------------------------------------
+# Upstream routing (upstreams.yaml): which upstream and key take a call, retries, cooldowns
+# ---------------------------------------------------------------------------------------------
+
+_ROUTING_FIELDS = frozenset({"upstreams", "models", "retries", "cooldown_seconds"})
+_UPSTREAM_FIELDS = frozenset(
+    {
+        "base_url",
+        "api_key",
+        "api_key_env",
+        "api_keys",
+        "api_keys_env",
+        "models",
+        "priority",
+        "weight",
+        "max_concurrency",
+        "timeout",
+        "headers",
+        "api",
+    }
+)
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}")
+_OWN_HEADERS = frozenset({"authorization", "x-api-key", "content-type", "accept", "host"})
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+KEY_REFUSED = frozenset({401, 403})  # the key is bad: out of use until reload or re-enable
+CLIENT_FAULTS = frozenset({400, 404, 422})  # the request is bad: passed on, never retried
+FAILURES_BEFORE_REST = 3  # an upstream's consecutive failures that send it to rest
+MAX_REST_WAIT = 3.0  # seconds a call waits for a resting upstream to come back, else it fails
+MAX_KEY_REST = 3600.0  # the longest an upstream's Retry-After rests a key
+MAX_ROUTES_CACHED = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One upstream of upstreams.yaml (or the one the command line describes)."""
+
+    name: str
+    base_url: str
+    keys: tuple[str, ...]
+    models: tuple[str, ...] = ("*",)
+    priority: int = 0
+    weight: int = 1
+    max_concurrency: int = 0  # 0: --concurrency
+    timeout: float = 0.0  # 0: --upstream-timeout
+    headers: tuple[tuple[str, str], ...] = ()
+    api: str = API_OPENAI
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSpec:
+    """upstreams.yaml, checked: the upstreams, model names mapped, retries, cooldown."""
+
+    upstreams: tuple[UpstreamSpec, ...]
+    aliases: Mapping[str, tuple[str, str]]  # client's name -> (upstream's name, upstream or "")
+    retries: int = 2
+    cooldown: float = 30.0
+    from_file: bool = False
+
+
+def default_routing(config: Config) -> RoutingSpec:
+    """Without upstreams.yaml: the command line's upstream (`default`, every model) and, for
+    /v1/messages, the Anthropic one (`anthropic`)."""
+    return RoutingSpec(
+        (
+            UpstreamSpec("default", config.upstream_base_url, (config.upstream_api_key,)),
+            UpstreamSpec(
+                "anthropic",
+                config.anthropic_base_url,
+                (config.anthropic_api_key,),
+                api=API_ANTHROPIC,
+            ),
+        ),
+        {},
+        retries=0,
+    )
+
+
+def _number(where: str, value: Any, kind: type, low: float, high: float) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float if kind is float else int):
+        raise ConfigError(f"{where} must be a {'number' if kind is float else 'whole number'}")
+    if not low <= value <= high:
+        raise ConfigError(f"{where} must be between {low:g} and {high:g}")
+    return kind(value)
+
+
+def _keys_of(where: str, entry: dict[str, Any], env: Mapping[str, str]) -> tuple[str, ...]:
+    given = [k for k in ("api_key", "api_key_env", "api_keys", "api_keys_env") if k in entry]
+    if len(given) != 1:
+        raise ConfigError(
+            f"{where}: set exactly one of api_key, api_key_env, api_keys, api_keys_env"
+        )
+    field = given[0]
+    value = entry[field]
+    names = [value] if field in ("api_key", "api_key_env") else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{where}.{field} must be a non-empty string or list of strings")
+    if len(names) > 1000:
+        raise ConfigError(f"{where}.{field}: at most 1000 keys")
+    if field.endswith("_env"):
+        missing = [n for n in names if not env.get(n)]
+        if missing:
+            raise ConfigError(f"{where}.{field}: environment variable {missing[0]} is not set")
+        keys = [env[n] for n in names]
+    else:
+        keys = names
+    for key in keys:
+        if not re.fullmatch(r"[\x21-\x7e]{1,1000}", key):
+            # Said without the key: a key is never written to a log.
+            raise ConfigError(f"{where}.{field}: a key must be printable ASCII without spaces")
+    return tuple(dict.fromkeys(keys))
+
+
+def _glob(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 200 or not value.isprintable():
+        raise ConfigError(f"{where}: a model glob must be 1-200 printable characters")
+    if value.count("[") != value.count("]"):
+        raise ConfigError(f"{where}: unbalanced [ ] in model glob {value!r}")
+    return value
+
+
+def parse_routing(text: str, env: Mapping[str, str], config: Config) -> RoutingSpec:
+    """upstreams.yaml, validated strictly; raises ConfigError naming the first problem."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {yaml_problem(e)}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError("the file must be a mapping with an `upstreams:` section")
+    unknown = set(doc) - _ROUTING_FIELDS
+    if unknown:
+        raise ConfigError(f"unknown setting {sorted(map(str, unknown))[0]!r}")
+    entries = doc.get("upstreams")
+    if not isinstance(entries, dict) or not entries:
+        raise ConfigError("`upstreams:` must map at least one name to its settings")
+    if len(entries) > 100:
+        raise ConfigError("at most 100 upstreams")
+    specs = []
+    for name, entry in entries.items():
+        where = f"upstreams.{name}"
+        if not isinstance(name, str) or not _UPSTREAM_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: a name is 1-64 letters, digits, '_', '.' or '-'")
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a mapping of settings")
+        unknown = set(entry) - _UPSTREAM_FIELDS
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting {sorted(map(str, unknown))[0]!r}")
+        url = entry.get("base_url")
+        parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"{where}.base_url must be an http:// or https:// URL")
+        models = entry.get("models", ["*"])
+        if not isinstance(models, list) or not models or len(models) > 1000:
+            raise ConfigError(f"{where}.models must be a list of 1-1000 model globs")
+        headers = entry.get("headers", {})
+        if not isinstance(headers, dict) or len(headers) > 50:
+            raise ConfigError(f"{where}.headers must be a mapping of at most 50 headers")
+        for h, v in headers.items():
+            if not isinstance(h, str) or not _HEADER_NAME.fullmatch(h) or h.lower() in _OWN_HEADERS:
+                raise ConfigError(f"{where}.headers: {h!r} is not a header the gateway may send")
+            if not isinstance(v, str) or not _HEADER_VALUE.fullmatch(v):
+                raise ConfigError(f"{where}.headers.{h}: 1-512 printable ASCII characters")
+        api = entry.get("api", API_OPENAI)
+        if api not in (API_OPENAI, API_ANTHROPIC):
+            raise ConfigError(f"{where}.api must be openai or anthropic")
+        specs.append(
+            UpstreamSpec(
+                name=name,
+                base_url=url.rstrip("/"),  # type: ignore[union-attr]
+                keys=_keys_of(where, entry, env),
+                models=tuple(_glob(f"{where}.models", m) for m in models),
+                priority=_number(f"{where}.priority", entry.get("priority", 0), int, 0, 1000),
+                weight=_number(f"{where}.weight", entry.get("weight", 1), int, 1, 10_000),
+                max_concurrency=_number(
+                    f"{where}.max_concurrency", entry.get("max_concurrency", 0), int, 0, 100_000
+                ),
+                timeout=_number(f"{where}.timeout", entry.get("timeout", 0), float, 0, 86_400),
+                headers=tuple(sorted(headers.items())),
+                api=api,
+            )
+        )
+    names = {s.name for s in specs}
+    aliases: dict[str, tuple[str, str]] = {}
+    mapped = doc.get("models") or {}
+    if not isinstance(mapped, dict) or len(mapped) > 10_000:
+        raise ConfigError("`models:` must map client model names to upstream ones")
+    for alias, target in mapped.items():
+        where = f"models.{alias}"
+        if not isinstance(alias, str) or not 1 <= len(alias) <= 200 or not alias.isprintable():
+            raise ConfigError(f"{where}: a model name is 1-200 printable characters")
+        if isinstance(target, dict):
+            if set(target) - {"model", "upstream"} or "model" not in target:
+                raise ConfigError(f"{where} must be a name or {{model: …, upstream: …}}")
+            model, upstream = target["model"], target.get("upstream", "")
+            if upstream and upstream not in names:
+                raise ConfigError(f"{where}.upstream: no upstream named {upstream!r}")
+        else:
+            model, upstream = target, ""
+        if not isinstance(model, str) or not 1 <= len(model) <= 200 or not model.isprintable():
+            raise ConfigError(f"{where}: the upstream model is 1-200 printable characters")
+        aliases[alias] = (model, str(upstream))
+    return RoutingSpec(
+        tuple(specs),
+        aliases,
+        retries=_number("retries", doc.get("retries", 2), int, 0, 10),
+        cooldown=_number("cooldown_seconds", doc.get("cooldown_seconds", 30), float, 0, 86_400),
+        from_file=True,
+    )
+
+
+def routing_secrets(spec: RoutingSpec) -> tuple[str, ...]:
+    """Every upstream key of a routing: redacted wherever outside text enters, like the
+    command line's keys."""
+    return tuple(k for u in spec.upstreams for k in u.keys if k)
+
+
+def key_fingerprint(key: str) -> str:
+    """How logs, the dashboard and commands name a key: never the key itself."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+class KeyState:
+    """One key of an upstream's pool, and how it has fared."""
+
+    __slots__ = (
+        "calls",
+        "disabled",
+        "failures",
+        "fingerprint",
+        "last_error",
+        "resting_until",
+        "secret",
+    )
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.fingerprint = key_fingerprint(secret)
+        self.resting_until = 0.0  # after a 429: the upstream's Retry-After, or the cooldown
+        self.disabled = ""  # after a 401/403: why; until the file changes or the admin says so
+        self.calls = 0
+        self.failures = 0
+        self.last_error = ""
+
+
+class Channel:
+    """One upstream at run time: its keys, calls in flight, health and figures."""
+
+    def __init__(self, spec: UpstreamSpec, client: Upstream, concurrency: int) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.client = client
+        self.limit = spec.max_concurrency or concurrency
+        self.headers = dict(spec.headers)
+        self.keys = [KeyState(k) for k in spec.keys if k]
+        self._turn = 0  # the pool's next key
+        self.current = 0  # smooth weighted round robin's running weight
+        self.in_flight = 0
+        self.failures_in_row = 0
+        self.resting_until = 0.0
+        self.trial = False  # a call is deciding whether the upstream comes back from rest
+        self.calls = 0
+        self.failures = 0
+        self.last_error = ""
+        self.latency_ms = 0.0  # moving average of answered calls
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, glob) for glob in self.spec.models)
+
+    def key(self, now: float, tried: set[str]) -> int | None:
+        """The index of the pool's next usable key (keys take turns; `take` moves the turn
+        on), skipping keys resting, refused or tried in this call."""
+        keys = self.keys
+        for i in range(len(keys)):
+            n = (self._turn + i) % len(keys)
+            k = keys[n]
+            if not k.disabled and k.resting_until <= now and k.secret not in tried:
+                return n
+        return None
+
+    def take(self, n: int) -> KeyState:
+        self._turn = (n + 1) % len(self.keys)
+        return self.keys[n]
+
+    def state(self, now: float) -> str:
+        if self.keys and all(k.disabled for k in self.keys):
+            return "disabled"
+        if self.resting_until > now:
+            return "resting"
+        return "ok"
+
+    def describe(self, now: float, wall: float) -> dict[str, Any]:
+        """For the dashboard and the `upstreams` command: names, states and figures, no keys."""
+
+        def until(t: float) -> str | None:
+            if t <= now:
+                return None
+            return datetime.fromtimestamp(wall + t - now).astimezone().isoformat(timespec="seconds")
+
+        return {
+            "name": self.name,
+            "api": self.spec.api,
+            "base_url": self.spec.base_url,
+            "models": list(self.spec.models),
+            "priority": self.spec.priority,
+            "weight": self.spec.weight,
+            "state": self.state(now),
+            "resting_until": until(self.resting_until),
+            "in_flight": self.in_flight,
+            "max_concurrency": self.limit,
+            "calls": self.calls,
+            "failures": self.failures,
+            "last_error": self.last_error or None,
+            "latency_ms": round(self.latency_ms),
+            "keys": [
+                {
+                    "fingerprint": k.fingerprint,
+                    "state": "disabled"
+                    if k.disabled
+                    else "resting"
+                    if k.resting_until > now
+                    else "ok",
+                    "resting_until": until(k.resting_until),
+                    "disabled": k.disabled or None,
+                    "calls": k.calls,
+                    "failures": k.failures,
+                    "last_error": k.last_error or None,
+                }
+                for k in self.keys
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where calls for one model may go: the model name sent upstream and the upstreams that
+    serve it, grouped by priority (lowest first)."""
+
+    model: str
+    groups: tuple[tuple[Channel, ...], ...]
+
+    def channels(self) -> Iterator[Channel]:
+        for group in self.groups:
+            yield from group
+
+
+class NoUpstreamFree(Exception):
+    """Every upstream for the call is resting, refused or already tried."""
+
+    def __init__(self, wait: float | None) -> None:
+        super().__init__("no upstream free")
+        self.wait = wait  # seconds until the earliest comes back, if one will
+
+
+class Router:
+    """Chooses an upstream and a key for each attempt of a call, and learns from the result.
+
+    Choosing: the route's lowest priority group with a usable upstream (not resting, below its
+    max_concurrency, with a usable key, not tried in this call); within it, smooth weighted
+    round robin, so that weights are exact shares; within an upstream, keys take turns.
+    Learning: 401/403 takes the key out of use; 429 rests the key (Retry-After, else the
+    cooldown); a connect error, a timeout or a 5xx counts against the upstream, and
+    FAILURES_BEFORE_REST in a row rest it for the cooldown, after which one trial call
+    decides whether it comes back.
+    """
+
+    def __init__(
+        self,
+        spec: RoutingSpec,
+        config: Config,
+        redactor: Redactor,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.redactor = redactor
+        self.now = now
+        self.pool = Upstream(
+            config, redactor=redactor
+        )  # the connection pools every upstream shares
+        self.spec = spec
+        self.channels: dict[str, Channel] = {}
+        self._routes: dict[tuple[str, str], Route | None] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self.install(spec)
+
+    def install(self, spec: RoutingSpec) -> None:
+        """Take a new routing. An upstream whose settings did not change is kept as it is
+        (its calls in flight, rest and figures); one whose settings changed keeps its health
+        and figures. Either way a disabled key comes back: the file changed. Calls in flight
+        finish where they started."""
+        old = self.channels
+        channels = {}
+        for s in spec.upstreams:
+            before = old.get(s.name)
+            if before is not None and before.spec == s:
+                before.client.redactor = self.redactor
+                for k in before.keys:
+                    k.disabled = ""
+                channels[s.name] = before
+                continue
+            client = Upstream(
+                self.config,
+                s.base_url,
+                "",
+                auth="x-api-key" if s.api == API_ANTHROPIC else "bearer",
+                timeout=s.timeout or self.config.upstream_timeout,
+                redactor=self.redactor,
+                share=self.pool,
+            )
+            ch = Channel(s, client, self.config.concurrency)
+            if before is not None and before.spec.base_url == s.base_url:
+                # Health and figures carry over; calls in flight release the old object.
+                for name in ("resting_until", "failures_in_row", "calls", "failures"):
+                    setattr(ch, name, getattr(before, name))
+                ch.last_error, ch.latency_ms = before.last_error, before.latency_ms
+                states = {k.secret: k for k in before.keys}
+                for i, k in enumerate(ch.keys):
+                    if (was := states.get(k.secret)) is not None:
+                        was.disabled = ""
+                        ch.keys[i] = was
+            channels[s.name] = ch
+        self.spec, self.channels = spec, channels
+        self._routes = {}
+        self._wake()
+
+    def configured(self, api: str) -> bool:
+        return any(c.keys for c in self.channels.values() if c.spec.api == api)
+
+    def route(self, model: str, api: str) -> Route | None:
+        """Where calls for `model` on an `api` route go; None if no upstream serves it."""
+        found = self._routes.get((model, api), False)
+        if found is not False:
+            return found  # type: ignore[return-value]
+        target, pinned = self.spec.aliases.get(model, (model, ""))
+        serving = [
+            c
+            for c in self.channels.values()
+            if c.spec.api == api and (c.name == pinned if pinned else c.serves(target))
+        ]
+        route = None
+        if serving:
+            priorities = sorted({c.spec.priority for c in serving})
+            route = Route(
+                target,
+                tuple(tuple(c for c in serving if c.spec.priority == p) for p in priorities),
+            )
+        if len(self._routes) >= MAX_ROUTES_CACHED:
+            self._routes.clear()
+        self._routes[(model, api)] = route
+        return route
+
+    def pick(
+        self, route: Route, tried_upstreams: set[str], tried_keys: set[str]
+    ) -> tuple[Channel, KeyState] | None:
+        """The upstream and key for the next attempt, now; None if none can take it."""
+        now = self.now()
+        for group in route.groups:
+            best: Channel | None = None
+            best_key = 0
+            total = 0
+            for ch in group:
+                if ch.name in tried_upstreams or ch.in_flight >= ch.limit:
+                    continue
+                if ch.resting_until > now or ch.trial:
+                    continue  # resting, or its one trial call is under way
+                n = ch.key(now, tried_keys)
+                if n is None:
+                    continue
+                ch.current += ch.spec.weight
+                total += ch.spec.weight
+                if best is None or ch.current > best.current:
+                    best, best_key = ch, n
+            if best is not None:
+                best.current -= total
+                best.in_flight += 1
+                if best.failures_in_row >= FAILURES_BEFORE_REST:
+                    best.trial = True  # back from rest: this call decides
+                return best, best.take(best_key)
+        return None
+
+    def next_free(
+        self, route: Route, tried_upstreams: set[str], tried_keys: set[str]
+    ) -> float | None:
+        """Seconds until an upstream of the route (not tried) may take a call; None if never
+        (every key refused) or only when a call in flight ends."""
+        now = self.now()
+        soonest: float | None = None
+        for ch in route.channels():
+            keys = [k for k in ch.keys if not k.disabled and k.secret not in tried_keys]
+            if ch.name in tried_upstreams or not keys:
+                continue
+            # 0 when only busy (at max_concurrency, or a trial call running): a release wakes.
+            wait = max(0.0, ch.resting_until - now, min(k.resting_until for k in keys) - now)
+            soonest = wait if soonest is None else min(soonest, wait)
+        return soonest
+
+    async def acquire(
+        self, route: Route, tried_upstreams: set[str], tried_keys: set[str]
+    ) -> tuple[Channel, KeyState]:
+        """pick(), waiting while the route's upstreams are all busy (at max_concurrency) or
+        resting for at most MAX_REST_WAIT seconds; raises NoUpstreamFree otherwise."""
+        while True:
+            chosen = self.pick(route, tried_upstreams, tried_keys)
+            if chosen is not None:
+                return chosen
+            wait = self.next_free(route, tried_upstreams, tried_keys)
+            if wait is None or wait > MAX_REST_WAIT:
+                raise NoUpstreamFree(wait)
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                # A busy upstream frees on release (which wakes us); a resting one at `wait`.
+                await asyncio.wait_for(waiter, wait if wait > 0 else None)
+            except TimeoutError:
+                pass
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def release(self, ch: Channel) -> None:
+        ch.in_flight -= 1
+        ch.trial = False  # a trial call has decided by now (succeeded or failed ran first)
+        self._wake()
+
+    def succeeded(self, ch: Channel, key: KeyState, seconds: float) -> None:
+        if ch.failures_in_row >= FAILURES_BEFORE_REST:
+            log.warning("upstream %s is back", ch.name)
+        ch.failures_in_row, ch.resting_until, ch.trial = 0, 0.0, False
+        ch.calls += 1
+        key.calls += 1
+        ms = seconds * 1000
+        ch.latency_ms = ms if not ch.latency_ms else 0.8 * ch.latency_ms + 0.2 * ms
+
+    def failed(self, ch: Channel, key: KeyState, e: UpstreamFailure) -> str:
+        """Learn from a failed attempt; return what to avoid for the rest of the call:
+        "key", "upstream", or "" (a client fault, not retried)."""
+        now = self.now()
+        error = f"{e.status or 'no answer'}: {e.error}"[:300]
+        ch.calls += 1
+        key.calls += 1
+        if e.status in CLIENT_FAULTS:
+            return ""
+        ch.failures += 1
+        key.failures += 1
+        ch.last_error = key.last_error = error
+        if not self.spec.from_file:
+            # One upstream from the command line: nothing to fail over to, so no key is
+            # taken out of use and nothing rests; every call tries it, as it always has.
+            return "upstream"
+        if e.status in KEY_REFUSED:
+            key.disabled = error
+            log.error(
+                "upstream %s refused key %s (%s): taken out of use until upstreams.yaml "
+                "changes or an admin re-enables it",
+                ch.name,
+                key.fingerprint,
+                e.status,
+            )
+            return "key"
+        if e.status == 429:
+            rest = min(
+                e.retry_after if e.retry_after is not None else self.spec.cooldown, MAX_KEY_REST
+            )
+            key.resting_until = now + rest
+            log.warning("upstream %s: key %s rests %.0f s (429)", ch.name, key.fingerprint, rest)
+            return "key"
+        if e.status is not None and e.status not in RETRYABLE_STATUSES:
+            return ""  # some other answer (e.g. 405, 413): the upstream's word, not retried
+        if e.status is None and e.responded:
+            return ""  # timed out while answering: the call may have run, not repeated
+        ch.failures_in_row += 1
+        if ch.trial or ch.failures_in_row >= FAILURES_BEFORE_REST:
+            ch.trial = False
+            ch.resting_until = now + self.spec.cooldown
+            log.warning(
+                "upstream %s rests %.0f s after %d failures in a row (last: %s)",
+                ch.name,
+                self.spec.cooldown,
+                ch.failures_in_row,
+                error,
+            )
+        return "upstream"
+
+    def enable_key(self, upstream: str, fingerprint: str) -> bool:
+        ch = self.channels.get(upstream)
+        for k in ch.keys if ch else []:
+            if k.fingerprint == fingerprint:
+                k.disabled, k.resting_until = "", 0.0
+                self._wake()
+                return True
+        return False
+
+    def describe(self, wall: float) -> list[dict[str, Any]]:
+        now = self.now()
+        return [ch.describe(now, wall) for ch in self.channels.values()]
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class RoutingFile:
+    """upstreams.yaml, re-read when it changes; a broken edit keeps the last good routing."""
+
+    def __init__(self, path: str, config: Config, env: Mapping[str, str]) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.env = env
+        self._stamp: tuple[int, int, int] | None = None
+
+    def load(self) -> RoutingSpec:
+        """The routing at start-up: the file if it exists (a broken one is an error), else
+        the command line's upstream."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return default_routing(self.config)
+        text = self.path.read_text(encoding="utf-8")
+        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        try:
+            return parse_routing(text, self.env, self.config)
+        except ConfigError as e:
+            raise ConfigError(f"{self.path}: {e}") from None
+
+    def changed(self) -> RoutingSpec | None:
+        """A new routing if the file changed and is good; None otherwise (logged if broken)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._stamp is None:
+                return None
+            self._stamp = None
+            log.warning("%s was removed: routing to the command line's upstream", self.path)
+            return default_routing(self.config)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        try:
+            spec = parse_routing(self.path.read_text(encoding="utf-8"), self.env, self.config)
+        except (ConfigError, OSError, UnicodeDecodeError) as e:
+            log.error("%s not reloaded, the last good routing stays: %s", self.path, e)
+            return None
+        log.info("%s reloaded: %s", self.path, ", ".join(u.name for u in spec.upstreams))
+        return spec
+
+
+# ---------------------------------------------------------------------------------------------
 # Call log (data/calls/YYYY-MM-DD.jsonl) and metrics
 # ---------------------------------------------------------------------------------------------
 
@@ -2170,6 +2920,8 @@ class CallRecord:
     queue_ms: int | None = None
     upstream_ms: int | None = None
     upstream_id: str = ""
+    upstream: str = ""  # the upstream that answered (routing)
+    attempts: int = 0  # upstreams tried (0: none, the call never reached one)
     call_id: str = ""  # the reservation id in the day's journal
     day: str = ""  # the day the call was charged to (its admission day)
     written: bool = False
@@ -2196,6 +2948,8 @@ class CallRecord:
             "queue_ms": self.queue_ms,
             "upstream_ms": self.upstream_ms,
             "upstream_request_id": self.upstream_id or None,
+            "upstream": self.upstream or None,
+            "attempts": self.attempts,
             "id": self.call_id or None,
         }
 
@@ -2851,7 +3605,6 @@ class StreamSink(abc.ABC):
         """Write and flush; raise ClientLeft if the client has gone."""
 
 
-API_OPENAI, API_RESPONSES, API_ANTHROPIC = "openai", "responses", "anthropic"
 _RESPONSES_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _ANTHROPIC_USAGE = (
     "input_tokens",
@@ -2911,12 +3664,15 @@ class SSERelay:
         self._other = 0
         self._counts: dict[str, int] = {}  # Anthropic's usage fields, as they arrive
         self._escaped: Any = None  # the last event's JSON, when it holds \\u escapes
+        self.retry_after: float | None = None
 
     def on_header(self, line: str) -> None:
         if line.startswith("HTTP/"):
             self.status = tornado.httputil.parse_response_start_line(line.strip()).code
         elif line[:13].lower() == "content-type:":
             self.content_type = line[13:].strip().lower()
+        elif line[:12].lower() == "retry-after:":
+            self.retry_after = _retry_after(line[12:].strip())
 
     def feed(self, chunk: bytes) -> bytes:
         """Take a piece of the upstream's body; return the complete events to forward."""
@@ -3119,10 +3875,10 @@ class SSERelay:
             )
         if not self.started:
             if error is not None:
-                raise UpstreamFailure(None, error)
+                raise UpstreamFailure(None, error, responded=self.status != 0)
             if not 200 <= self.status < 300:
                 message = self.redactor.text(_error_message(bytes(self._error_body)))
-                raise UpstreamFailure(self.status, message)
+                raise UpstreamFailure(self.status, message, retry_after=self.retry_after)
             raise UpstreamFailure(
                 self.status, "upstream did not answer the stream request with an event stream"
             )
@@ -3156,13 +3912,23 @@ class Figures:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where a call goes: an upstream, the path on it, the API it speaks there (API_OPENAI,
-    API_RESPONSES or API_ANTHROPIC) and headers passed on from the client."""
+    """What a route calls: the path on an upstream, the API the client speaks (API_OPENAI,
+    API_RESPONSES or API_ANTHROPIC) and headers passed on from the client. Which upstream
+    and key answer is the Router's choice, per attempt."""
 
-    upstream: Upstream
     path: str
     api: str = API_OPENAI
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def upstream_api(self) -> str:
+        """What an upstream must speak for it: Anthropic's API, or OpenAI's."""
+        return API_ANTHROPIC if self.api == API_ANTHROPIC else API_OPENAI
+
+
+def _with_model(request: dict[str, Any], model: str) -> bytes:
+    """The request as sent upstream under another model name (upstreams.yaml `models:`)."""
+    return json.dumps({**request, "model": model}, ensure_ascii=False).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -3172,6 +3938,15 @@ class Outcome:
 
 
 MODELS_CACHE_SECONDS = 300.0
+
+
+def _model_list(names: list[str]) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": 0, "owned_by": "gateway"} for m in names],
+    }
+
+
 HISTORY_DAYS = 14
 
 
@@ -3181,16 +3956,20 @@ class Service:
     with the figures and reports built from them (status, dashboard, model list)."""
 
     def __init__(
-        self, config: Config, users: UserDirectory, store: UsageStore, clock: DayClock
+        self,
+        config: Config,
+        users: UserDirectory,
+        store: UsageStore,
+        clock: DayClock,
+        routing: RoutingSpec | None = None,
     ) -> None:
         self.config = config
         self.users = users
         self.store = store
         self.clock = clock
-        self.upstream = Upstream(config)
-        self.anthropic = Upstream(
-            config, config.anthropic_base_url, config.anthropic_api_key, auth="x-api-key"
-        )
+        routing = routing or default_routing(config)
+        self.router = Router(routing, config, Redactor(config.secrets() + routing_secrets(routing)))
+        self._upstream_models: dict[str, tuple[float, list[str]]] = {}
         self.queue = CallQueue(config.queue_size, config.concurrency)
         self.calls = CallLog(config.data_dir, clock)
         self.metrics = Metrics()
@@ -3213,16 +3992,34 @@ class Service:
             raise GatewayError(401, MSG_BAD_KEY, {"error": "unknown or disabled API key"})
         return user
 
-    def check_accepting(self, upstream: Upstream) -> None:
+    def install_routing(self, routing: RoutingSpec) -> None:
+        """A new upstreams.yaml: its keys are secrets from now on, everywhere."""
+        redactor = Redactor(self.config.secrets() + routing_secrets(routing))
+        LOG_GUARD.install(redactor)
+        self.router.redactor = redactor
+        self.router.install(routing)
+        self._upstream_models.clear()
+
+    def route(self, target: Target, model: Any) -> Route:
+        """Where calls of a model go; raises UnknownModel if no upstream serves it."""
+        route = self.router.route(str(model), target.upstream_api)
+        if route is None:
+            raise UnknownModel(str(model)[:200])
+        return route
+
+    def check_accepting(self, api: str = API_OPENAI) -> None:
         """Raise the answer for a call the gateway cannot take now (stopping, no key for the
         upstream, queue full); return if it can."""
         if self.stopping:
             raise GatewayError(503, MSG_STOPPING, {"error": "the gateway is shutting down"})
-        if not upstream.configured:
-            what = "an Anthropic" if upstream is self.anthropic else "an upstream"
-            raise GatewayError(
-                500, MSG_SERVER_ERROR, {"error": f"no {what} API key is configured on the gateway"}
+        if not self.router.configured(api):
+            what = (
+                "no Anthropic upstream is configured (api: anthropic in upstreams.yaml, or "
+                "--anthropic-api-key / ANTHROPIC_API_KEY)"
+                if api == API_ANTHROPIC
+                else "no upstream API key is configured on the gateway"
             )
+            raise GatewayError(500, MSG_SERVER_ERROR, {"error": what})
         if self.queue.full():
             raise self._queue_full()
 
@@ -3256,7 +4053,7 @@ class Service:
         reservation); routing picks an upstream inside the Job's `call`, run by a worker.
         """
         # Admit: the gateway can take a call, and the user has a slot (reserved now).
-        self.check_accepting(job.upstream or self.upstream)
+        self.check_accepting(job.api)
         day = self.clock.today()  # settled against the day it was admitted on
         res: Reservation | None = await self.store.reserve(user, day)
         assert res is not None
@@ -3271,6 +4068,9 @@ class Service:
                 raise self._queue_full() from None
             try:
                 answer = await job.future
+            except UpstreamFailure as e:
+                rec.attempts = len(e.attempts) or 1
+                raise
             finally:
                 if job.started_at:
                     rec.queue_ms = round((job.started_at - job.queued_at) * 1000)
@@ -3294,6 +4094,7 @@ class Service:
                 not answer.complete,
                 answer.upstream_id,
             )
+            rec.upstream, rec.attempts = answer.upstream, answer.attempts
             rec.error = answer.interrupted
             rec.status = 499 if answer.interrupted == "client_closed_request" else 200
             self.record_call(rec)
@@ -3308,12 +4109,67 @@ class Service:
                 except StoreError as e:
                     log.error("usage store: %s (slot of %s stays held until restart)", e, user.name)
 
-    def json_job(self, target: Target, body: bytes, request: dict[str, Any], model: str) -> Job:
-        """A call whose answer is one JSON document."""
-        upstream = target.upstream
+    async def routed(
+        self, route: Route, attempt: Callable[[Channel, KeyState], Awaitable[Answer]]
+    ) -> Answer:
+        """Make a call through the route's upstreams: an attempt on the upstream and key the
+        Router picks; after a retryable failure, another attempt on a different upstream or
+        key, up to `retries` more (a stream that reached the client never fails here, so it
+        is never retried). Raises the last failure, with every attempt, if none answered."""
+        router = self.router
+        tried_upstreams: set[str] = set()
+        tried_keys: set[str] = set()
+        attempts: list[dict[str, Any]] = []
+        last: UpstreamFailure | None = None
+        for _ in range(router.spec.retries + 1):
+            try:
+                channel, key = await router.acquire(route, tried_upstreams, tried_keys)
+            except NoUpstreamFree as e:
+                if last is not None:
+                    break
+                raise UpstreamFailure(
+                    None,
+                    f"every upstream for model {route.model!r} is resting or refused its keys",
+                    retry_after=e.wait,
+                    attempts=attempts,
+                ) from None
+            t0 = time.monotonic()
+            try:
+                answer = await attempt(channel, key)
+            except UpstreamFailure as e:
+                avoid = router.failed(channel, key, e)
+                attempts.append({"upstream": channel.name, "status": e.status, "error": e.error})
+                last = e
+                if not avoid:
+                    break
+                if avoid == "key":
+                    tried_keys.add(key.secret)
+                else:
+                    tried_upstreams.add(channel.name)
+                continue
+            finally:
+                router.release(channel)
+            router.succeeded(channel, key, time.monotonic() - t0)
+            return dataclasses.replace(answer, upstream=channel.name, attempts=len(attempts) + 1)
+        assert last is not None
+        raise UpstreamFailure(
+            last.status,
+            last.error,
+            responded=last.responded,
+            retry_after=last.retry_after,
+            attempts=attempts if router.spec.from_file else [],
+        )
 
-        async def call() -> Answer:
-            reply, raw = await upstream.post_json(target.path, body, target.headers)
+    def json_job(
+        self, target: Target, route: Route, body: bytes, request: dict[str, Any], *, model: str
+    ) -> Job:
+        """A call whose answer is one JSON document."""
+        sent = body if route.model == request.get("model") else _with_model(request, route.model)
+
+        async def attempt(channel: Channel, key: KeyState) -> Answer:
+            upstream = channel.client
+            headers = {**channel.headers, **target.headers}
+            reply, raw = await upstream.post_json(target.path, sent, headers, key.secret)
             uid = reply.get("id")
             return Answer(
                 reply,
@@ -3322,35 +4178,50 @@ class Service:
                 upstream_id=upstream.redactor.text(uid[:200]) if isinstance(uid, str) else "",
             )
 
-        return Job(call=call, model=model, upstream=upstream)
+        return Job(call=lambda: self.routed(route, attempt), model=model, api=target.upstream_api)
 
     def stream_job(
-        self, target: Target, body: bytes, request: dict[str, Any], sink: StreamSink, model: str
+        self,
+        target: Target,
+        route: Route,
+        body: bytes,
+        request: dict[str, Any],
+        sink: StreamSink,
+        *,
+        model: str,
     ) -> Job:
         """A streamed call. OpenAI's streams always ask the upstream for usage (dropped again
         if the client did not ask); the Responses and Messages APIs always report it."""
         wanted = True
+        sent = request
+        if route.model != request.get("model"):
+            sent = {**request, "model": route.model}
         if target.api == API_OPENAI:
             options = request.get("stream_options")
             wanted = isinstance(options, dict) and options.get("include_usage") is True
-            upstream_request = dict(request)
-            upstream_request["stream_options"] = {**(options or {}), "include_usage": True}
-            body = json.dumps(upstream_request, ensure_ascii=False).encode()
-        upstream = target.upstream
-        sse = SSERelay(
-            sink,
-            request,
-            not wanted,
-            redactor=upstream.redactor,
-            max_event=self.config.max_event_size,
-            size=len(body),
-            api=target.api,
-        )
+            sent = {**sent, "stream_options": {**(options or {}), "include_usage": True}}
+        if sent is not request:
+            body = json.dumps(sent, ensure_ascii=False).encode()
 
-        async def call() -> Answer:
+        async def attempt(channel: Channel, key: KeyState) -> Answer:
+            upstream = channel.client
+            sse = SSERelay(
+                sink,
+                request,
+                not wanted,
+                redactor=upstream.redactor,
+                max_event=self.config.max_event_size,
+                size=len(body),
+                api=target.api,
+            )
             try:
                 error = await upstream.stream(
-                    target.path, body, sse.on_header, sse.on_chunk, target.headers
+                    target.path,
+                    body,
+                    sse.on_header,
+                    sse.on_chunk,
+                    headers={**channel.headers, **target.headers},
+                    key=key.secret,
                 )
             except Exception:
                 if not sse.started:
@@ -3360,19 +4231,21 @@ class Service:
                 error = "the gateway could not finish relaying the stream"
             return await sse.finish(error)
 
-        return Job(call=call, model=model, upstream=upstream)
+        return Job(call=lambda: self.routed(route, attempt), model=model, api=target.upstream_api)
 
-    async def uncharged(self, target: Target, body: bytes) -> bytes:
+    async def uncharged(self, target: Target, body: bytes, request: dict[str, Any]) -> bytes:
         """A call that costs the user nothing (Anthropic's count_tokens): through the queue,
         so it too waits for a worker, but with no slot reserved and nothing charged."""
-        self.check_accepting(target.upstream)
-        upstream = target.upstream
+        self.check_accepting(target.upstream_api)
+        route = self.route(target, request.get("model"))
+        sent = body if route.model == request.get("model") else _with_model(request, route.model)
 
-        async def call() -> Answer:
-            reply, raw = await upstream.post_json(target.path, body, target.headers)
+        async def attempt(channel: Channel, key: KeyState) -> Answer:
+            headers = {**channel.headers, **target.headers}
+            reply, raw = await channel.client.post_json(target.path, sent, headers, key.secret)
             return Answer(reply, Usage(0, 0, 0), raw=raw)
 
-        job = Job(call=call, model="", upstream=upstream)
+        job = Job(call=lambda: self.routed(route, attempt), api=target.upstream_api)
         try:
             self.queue.submit(job)
         except tornado.queues.QueueFull:
@@ -3380,20 +4253,33 @@ class Service:
         return (await job.future).raw
 
     async def models(self) -> dict[str, Any]:
-        """The model list: configured, or the upstream's (cached; stale beats none)."""
+        """The model list: --models; else the upstream's (cached; stale beats none); with
+        upstreams.yaml, the union of each upstream's list filtered by its globs, plus the
+        mapped names."""
         if self.config.models:
-            names = [m.strip() for m in self.config.models.split(",") if m.strip()]
-            return {
-                "object": "list",
-                "data": [
-                    {"id": m, "object": "model", "created": 0, "owned_by": "gateway"} for m in names
-                ],
-            }
+            return _model_list([m.strip() for m in self.config.models.split(",") if m.strip()])
+        router = self.router
+        if not router.spec.from_file:
+            return await self._default_models(router.channels["default"])
+        names: list[str] = []
+        for channel in router.channels.values():
+            if channel.spec.api != API_OPENAI or not channel.keys:
+                continue
+            ids = await self._upstream_list(channel)
+            if ids is None:  # the upstream cannot say: the globs that name one model
+                ids = [g for g in channel.spec.models if not any(c in g for c in "*?[")]
+            names.extend(i for i in ids if channel.serves(i))
+        names.extend(router.spec.aliases)
+        return _model_list(list(dict.fromkeys(names)))
+
+    async def _default_models(self, channel: Channel) -> dict[str, Any]:
+        """The command line's upstream's own list, as it sent it (cached, stale beats none)."""
         now = time.monotonic()
         if self._models is not None and now - self._models[0] < MODELS_CACHE_SECONDS:
             return self._models[1]
         try:
-            models = await self.upstream.get_json("/models")
+            key = channel.keys[0].secret if channel.keys else None
+            models = await channel.client.get_json("/models", key)
         except UpstreamFailure as e:
             if self._models is None:
                 raise
@@ -3401,6 +4287,27 @@ class Service:
             return self._models[1]
         self._models = (now, models)
         return models
+
+    async def _upstream_list(self, channel: Channel) -> list[str] | None:
+        """An upstream's model ids (cached 5 minutes; the last good list if it fails); None
+        if it never answered."""
+        now = time.monotonic()
+        cached = self._upstream_models.get(channel.name)
+        if cached is not None and now - cached[0] < MODELS_CACHE_SECONDS:
+            return cached[1]
+        try:
+            doc = await channel.client.get_json("/models", channel.keys[0].secret)
+        except UpstreamFailure as e:
+            log.warning("model list of upstream %s failed (%s)", channel.name, e)
+            return cached[1] if cached else None
+        data = doc.get("data")
+        ids = [
+            m["id"][:200]
+            for m in (data if isinstance(data, list) else [])[:10_000]
+            if isinstance(m, dict) and isinstance(m.get("id"), str)
+        ]
+        self._upstream_models[channel.name] = (now, ids)
+        return ids
 
     def admin_state(self) -> dict[str, Any]:
         """Everything the dashboard shows: live figures, users today, history, failures."""
@@ -3447,6 +4354,7 @@ class Service:
             "users": users,
             "history": history,
             "failures": self.calls.recent_failures(50),
+            "upstreams": self.router.describe(self.clock.now()),
         }
 
     def _day_usage(self, day: str, today: bool) -> dict[str, tuple[int, int]]:
@@ -3481,7 +4389,7 @@ class Service:
         live = self.figures()
         return {
             "status": live.status,
-            "api_key_configured": self.upstream.configured,
+            "api_key_configured": self.router.configured(API_OPENAI),
             "queue_enabled": self.queue.enabled,
             "stats": {
                 "total_users": len(self.users),
@@ -3715,7 +4623,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.send_json(envelope(False, message, data), status)
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, GatewayError | tornado.web.HTTPError | QuotaExceeded):
+        if isinstance(value, GatewayError | tornado.web.HTTPError | QuotaExceeded | UnknownModel):
             return  # an answer, not a fault; the access log records it
         who = self.user.name if self.user else "-"
         if isinstance(value, StoreError | ConfigError):
@@ -3788,10 +4696,11 @@ class RelayHandler(BaseHandler, StreamSink):
         stream = rec.stream = self.validate(request)
         rec.model = str(request.get("model"))[:100]
         target = self.target()
+        route = service.route(target, request.get("model"))
         if stream:
-            self.job = service.stream_job(target, body, request, self, rec.model)
+            self.job = service.stream_job(target, route, body, request, self, model=rec.model)
         else:
-            self.job = service.json_job(target, body, request, rec.model)
+            self.job = service.json_job(target, route, body, request, model=rec.model)
         try:
             return await service.relay(cast(User, self.user), self.job, rec), stream
         except ClientLeft:
@@ -3802,7 +4711,7 @@ class RelayHandler(BaseHandler, StreamSink):
 
     def target(self) -> Target:
         """Where this route's calls go."""
-        return Target(self.service.upstream, self.upstream_path)
+        return Target(self.upstream_path)
 
     def body_in_use(self) -> bool:
         return self.job is not None
@@ -3897,6 +4806,20 @@ class OpenAIHandler(BaseHandler):
         self.set_header("x-ratelimit-limit-tokens", str(user.daily_token_limit))
         self.set_header("x-ratelimit-remaining-tokens", str(tokens_left))
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, UnknownModel):
+            error = f"no upstream serves model {exc.model!r}"
+            self.render_error(404, MSG_NOT_FOUND, {"error": error, "code": "model_not_found"})
+            return
+        if isinstance(exc, UpstreamFailure) and exc.status in CLIENT_FAULTS:
+            # The upstream says the request is wrong (too long a prompt, an unknown
+            # parameter): the client's error, passed on with its status so SDKs do not retry.
+            data = {"upstream_status": exc.status, "error": exc.error}
+            self.render_error(exc.status, MSG_UPSTREAM, data)
+            return
+        super().write_error(status_code, **kwargs)
+
     def render_error(self, status: int, message: str, data: dict[str, Any] | None) -> None:
         self.note_error(status, message, data)
         detail = data.get("error") if data else None
@@ -3904,10 +4827,12 @@ class OpenAIHandler(BaseHandler):
             "message": f"{message}: {detail}" if detail else message,
             "type": _OPENAI_TYPES.get(status, "server_error"),
             "param": data.get("field") if data else None,
-            "code": _OPENAI_CODES.get(message, "error"),
+            "code": (data or {}).pop("code", None) or _OPENAI_CODES.get(message, "error"),
         }
         if data and "error" not in data:
             error["details"] = data  # e.g. the daily counts of a 429
+        if data and "attempts" in data:
+            error["attempts"] = data["attempts"]  # routing: every upstream tried
         self.set_limit_headers()
         self.send_json({"error": error}, status)
 
@@ -3929,7 +4854,7 @@ class OpenAIRelayHandler(OpenAIHandler, RelayHandler):
         self.dialect = api
 
     def target(self) -> Target:
-        return Target(self.service.upstream, self.upstream_path, self.dialect)
+        return Target(self.upstream_path, self.dialect)
 
     def validate(self, request: dict[str, Any]) -> bool:
         return self.validator(request)
@@ -3990,7 +4915,6 @@ _ANTHROPIC_TYPES = {
     431: "invalid_request_error",
     503: "overloaded_error",
 }
-_HEADER_VALUE = re.compile(r"[\x20-\x7e]{1,512}")
 
 
 class AnthropicHandler(OpenAIRelayHandler):
@@ -4007,7 +4931,7 @@ class AnthropicHandler(OpenAIRelayHandler):
             if not _HEADER_VALUE.fullmatch(value):
                 raise bad_request(f"the {name} header must be 1-512 printable ASCII characters")
             headers[name] = value
-        return Target(self.service.anthropic, self.upstream_path, API_ANTHROPIC, headers)
+        return Target(self.upstream_path, API_ANTHROPIC, headers)
 
     def render_error(self, status: int, message: str, data: dict[str, Any] | None) -> None:
         self.note_error(status, message, data)
@@ -4015,10 +4939,12 @@ class AnthropicHandler(OpenAIRelayHandler):
         error: dict[str, Any] = {
             "type": _ANTHROPIC_TYPES.get(status, "api_error"),
             "message": f"{message}: {detail}" if detail else message,
-            "code": _OPENAI_CODES.get(message, "error"),
+            "code": (data or {}).pop("code", None) or _OPENAI_CODES.get(message, "error"),
         }
         if data and "error" not in data:
             error["details"] = data  # e.g. the daily counts of a 429
+        if data and "attempts" in data:
+            error["attempts"] = data["attempts"]  # routing: every upstream tried
         self.set_limit_headers()
         self.send_json({"type": "error", "error": error}, status)
 
@@ -4028,9 +4954,10 @@ class CountTokensHandler(AnthropicHandler):
 
     async def post(self) -> None:  # type: ignore[override]  # no Azure path here
         body = self.body()
-        validate_count_tokens(parse_json_object(body))
+        request = parse_json_object(body)
+        validate_count_tokens(request)
         try:
-            raw = await self.service.uncharged(self.target(), body)
+            raw = await self.service.uncharged(self.target(), body, request)
         finally:
             self._let_body_go()
         self.finish(raw)
@@ -4229,6 +5156,71 @@ class AdminActionHandler(AdminBase):
         self.send_json(envelope(True, MSG_OK, {"user": name, "action": action}))
 
 
+_STATE_VALUE = {"ok": 0, "resting": 1, "disabled": 2}
+
+
+def upstream_metrics(router: Router) -> str:
+    """Per-upstream counters and state gauges, in Prometheus' text format."""
+    now = router.now()
+    families = {
+        "gateway_upstream_calls_total": ("counter", "Attempts sent to each upstream."),
+        "gateway_upstream_failures_total": ("counter", "Failed attempts, by upstream."),
+        "gateway_upstream_in_flight": ("gauge", "Calls running on each upstream now."),
+        "gateway_upstream_state": ("gauge", "0 ok, 1 resting, 2 every key disabled."),
+        "gateway_upstream_key_state": ("gauge", "0 ok, 1 resting, 2 disabled; by key fingerprint."),
+    }
+    lines = {
+        name: [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        for name, (kind, text) in families.items()
+    }
+    for ch in router.channels.values():
+        label = f'upstream="{_label(ch.name)}"'
+        lines["gateway_upstream_calls_total"].append(
+            f"gateway_upstream_calls_total{{{label}}} {ch.calls}"
+        )
+        lines["gateway_upstream_failures_total"].append(
+            f"gateway_upstream_failures_total{{{label}}} {ch.failures}"
+        )
+        lines["gateway_upstream_in_flight"].append(
+            f"gateway_upstream_in_flight{{{label}}} {ch.in_flight}"
+        )
+        lines["gateway_upstream_state"].append(
+            f"gateway_upstream_state{{{label}}} {_STATE_VALUE[ch.state(now)]}"
+        )
+        for k in ch.keys:
+            value = 2 if k.disabled else 1 if k.resting_until > now else 0
+            lines["gateway_upstream_key_state"].append(
+                f'gateway_upstream_key_state{{{label},key="{k.fingerprint}"}} {value}'
+            )
+    return "".join(line + "\n" for group in lines.values() for line in group)
+
+
+class UpstreamKeyHandler(AdminBase):
+    """POST /admin/api/upstreams/enable-key with {"upstream": name, "key": fingerprint}:
+    a key taken out of use (401/403) or resting (429) is used again at once."""
+
+    body_limit = FORM_BODY
+
+    def check_access(self) -> None:
+        super().check_access()
+        self.require_login()
+
+    def post(self) -> None:
+        self.check_origin()
+        try:
+            doc = json.loads(self.body())
+        except (ValueError, RecursionError):
+            doc = None
+        upstream = doc.get("upstream") if isinstance(doc, dict) else None
+        key = doc.get("key") if isinstance(doc, dict) else None
+        if not isinstance(upstream, str) or not isinstance(key, str):
+            raise bad_request('the body must be {"upstream": "<name>", "key": "sha256:…"}')
+        if not self.service.router.enable_key(upstream, key):
+            raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no key {key!r} in {upstream!r}"})
+        log.info("admin: re-enabled key %s of upstream %s", key, upstream)
+        self.send_json(envelope(True, MSG_OK, {"upstream": upstream, "key": key}))
+
+
 class MetricsHandler(AdminBase):
     """GET /metrics: Prometheus text format; Bearer <admin key> or an admin login."""
 
@@ -4263,7 +5255,7 @@ class MetricsHandler(AdminBase):
             ),
         }
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(service.metrics.render(gauges))
+        self.finish(service.metrics.render(gauges) + upstream_metrics(service.router))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4456,7 +5448,7 @@ class DemoModelHandler(BaseHandler):
 
     def check_access(self) -> None:
         key = bearer_token(self.request) or self.request.headers.get("x-api-key")
-        if key != self.service.upstream.api_key:
+        if key != self.service.config.upstream_api_key:
             raise GatewayError(401, MSG_BAD_KEY, {"error": "the demo upstream's own key"})
 
     async def post(self, endpoint: str) -> None:
@@ -4812,6 +5804,9 @@ table { width:100%; border-collapse:collapse; font-size:13px; }
 th, td { text-align:left; padding:6px 8px; border-bottom:1px solid var(--line); }
 th { color:var(--muted); font-weight:500; }
 td.status { font-weight:600; color:var(--red); }
+td.state.resting, .key.resting { color:#b7791f; }
+td.state.disabled, .key.disabled { color:var(--red); }
+.key button { padding:1px 6px; font-size:11px; }
 .empty { color:var(--muted); padding:8px 0; }
 .login { max-width:360px; margin:12vh auto; }
 .login input { width:100%; font:inherit; padding:8px 10px; margin:10px 0;
@@ -4864,6 +5859,10 @@ DASHBOARD_PAGE = (
   <span><i class="tok"></i>tokens</span></div>
  <svg id="history" width="100%" height="230" viewBox="0 0 1060 230"></svg>
 </section>
+<h2>Upstreams</h2>
+<section class="panel"><table><thead><tr><th>Upstream</th><th>State</th><th>Calls</th>
+<th>Failures</th><th>Latency</th><th>Last error</th><th>Keys</th></tr></thead>
+<tbody id="upstreams"></tbody></table></section>
 <h2>Last failed calls</h2>
 <section class="panel"><table><thead><tr><th>Time</th><th>User</th><th>Endpoint</th>
 <th>Model</th><th>Status</th><th>Reason</th></tr></thead><tbody id="failures"></tbody></table>
@@ -4987,6 +5986,38 @@ function drawLive(g) {
     el("small", {textContent: " requests"}));
   document.getElementById("today-tokens").textContent = fmt(g.today_tokens) + " tokens";
 }
+async function enableKey(upstream, fingerprint) {
+  const r = await fetch("/admin/api/upstreams/enable-key", {method: "POST",
+    headers: {"X-XSRFToken": XSRF, "Content-Type": "application/json"},
+    body: JSON.stringify({upstream: upstream, key: fingerprint}), credentials: "same-origin"});
+  const body = await r.json().catch(() => ({}));
+  document.getElementById("notice").textContent =
+    r.ok ? "" : (body.data && body.data.error) || body.message || ("HTTP " + r.status);
+  refresh();
+}
+function drawUpstreams(rows) {
+  const state = (s, until) => s + (until ? " until " + until.slice(11, 19) : "");
+  document.getElementById("upstreams").replaceChildren(...rows.map((u) => {
+    const keys = el("td", {});
+    for (const k of u.keys) {
+      const line = el("div", {className: "key " + k.state,
+        textContent: k.fingerprint + ": " + state(k.state, k.resting_until) + ", " +
+          fmt(k.calls) + " calls" + (k.disabled ? " (" + k.disabled + ")" : "")});
+      if (k.state !== "ok") line.append(" ", el("button", {textContent: "re-enable",
+        onclick: () => enableKey(u.name, k.fingerprint)}));
+      keys.append(line);
+    }
+    const row = el("tr", {},
+      el("td", {textContent: u.name, title: u.base_url + " " + u.models.join(", ")}),
+      el("td", {className: "state " + u.state, textContent: state(u.state, u.resting_until)}),
+      el("td", {textContent: fmt(u.calls) + (u.in_flight ? " (" + u.in_flight + " now)" : "")}),
+      el("td", {textContent: fmt(u.failures)}),
+      el("td", {textContent: u.latency_ms ? u.latency_ms + " ms" : "–"}),
+      el("td", {textContent: u.last_error || ""}), keys);
+    row.dataset.upstream = u.name;
+    return row;
+  }));
+}
 function drawFailures(rows) {
   document.getElementById("failures").replaceChildren(...rows.map((f) => el("tr", {},
     el("td", {textContent: (f.time || "").replace("T", " ").slice(0, 19)}),
@@ -5007,6 +6038,7 @@ async function refresh() {
   drawUsers(data.users);
   drawHistory(data.history);
   drawFailures(data.failures);
+  drawUpstreams(data.upstreams);
   document.body.dataset.loaded = "1";
 }
 refresh();
@@ -5287,6 +6319,73 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
     return EXIT_OK
 
 
+async def check_upstreams(config: Config, spec: RoutingSpec) -> list[dict[str, Any]]:
+    """Ask every upstream for its model list with each of its keys (16 at a time); one row
+    per key, naming it by fingerprint."""
+    router = Router(spec, config, Redactor(config.secrets() + routing_secrets(spec)))
+    gate = asyncio.Semaphore(16)
+
+    async def one(ch: Channel, key: KeyState | None) -> dict[str, Any]:
+        row: dict[str, Any] = {"upstream": ch.name, "key": key.fingerprint if key else "-"}
+        if key is None:
+            return {**row, "result": "failed", "status": "", "models": "", "error": "no key"}
+        headers = {**ch.headers}
+        if ch.spec.api == API_ANTHROPIC:
+            headers["anthropic-version"] = "2023-06-01"
+        async with gate:
+            t0 = time.monotonic()
+            try:
+                doc = await ch.client.get_json("/models", key.secret, headers)
+            except UpstreamFailure as e:
+                return {
+                    **row,
+                    "result": "failed",
+                    "status": e.status or "",
+                    "models": "",
+                    "error": e.error,
+                }
+        data = doc.get("data")
+        count = len(data) if isinstance(data, list) else 0
+        ms = round((time.monotonic() - t0) * 1000)
+        return {**row, "result": "ok", "status": 200, "models": count, "error": f"{ms} ms"}
+
+    try:
+        return list(
+            await asyncio.gather(
+                *(
+                    one(ch, k)
+                    for ch in router.channels.values()
+                    for k in (list[KeyState | None](ch.keys) or [None])
+                )
+            )
+        )
+    finally:
+        router.close()
+
+
+def upstreams_main(argv: list[str], env: dict[str, str]) -> int:
+    """`python gateway.py upstreams check`: exit 0 when every key of every upstream works."""
+    parser = argparse.ArgumentParser(
+        prog="gateway.py upstreams",
+        description="Check each upstream and key of upstreams.yaml (or the command line's "
+        "upstream) by asking for its model list. Gateway options (--upstreams-file, "
+        "--users-file, --upstream-base-url, ...) are accepted as for the server.",
+    )
+    parser.add_argument("action", choices=["check"])
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config = parse_config(rest, env)
+        spec = RoutingFile(str(config.routing_file()), config, env).load()
+    except (ConfigError, tornado.options.Error) as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    rows = asyncio.run(check_upstreams(config, spec))
+    columns = ["upstream", "key", "result", "status", "models", "error"]
+    print(_emit(rows, args.format, columns))
+    return EXIT_OK if all(r["result"] == "ok" for r in rows) else EXIT_NOT_FOUND
+
+
 # ---------------------------------------------------------------------------------------------
 # Main: routes, the HTTP server, the running service, the command line
 # ---------------------------------------------------------------------------------------------
@@ -5378,6 +6477,7 @@ def make_app(service: Service) -> tornado.web.Application:
         (r"/admin/logout", AdminLogoutHandler, deps),
         (r"/admin/api/state", AdminStateHandler, deps),
         (r"/admin/api/users/(enable|disable|reset)", AdminActionHandler, deps),
+        (r"/admin/api/upstreams/enable-key", UpstreamKeyHandler, deps),
         (r"/admin/api/users/([^/]+)/(enable|disable|reset)", AdminActionHandler, deps),
     ]
     if service.config.demo:
@@ -5472,6 +6572,7 @@ class Gateway:
         self.config = config
         self.clock = DayClock(config.tz(), now)
         self.users = UserDirectory(config.users_file, demo=config.demo)
+        self.routing = RoutingFile(str(config.routing_file()), config, os.environ)
         self.store = JournalStore(config.data_dir, self.clock, fsync=config.fsync)
         self.service: Service | None = None
         self.server: tornado.httpserver.HTTPServer | None = None
@@ -5497,7 +6598,14 @@ class Gateway:
                 anthropic_base_url=f"http://{host}:{self.port}/demo/anthropic/v1",
                 anthropic_api_key="demo-upstream",
             )
-        self.service = Service(config, self.users, self.store, self.clock)
+        routing = None
+        if config.demo:
+            if self.routing.path.exists():
+                log.warning("--demo: %s is not used; the demo model answers", self.routing.path)
+        else:
+            routing = self.routing.load()
+            LOG_GUARD.install(Redactor(config.secrets() + routing_secrets(routing)))
+        self.service = Service(config, self.users, self.store, self.clock, routing)
         self.service.queue.start()
         self.server = HTTPServer(
             make_app(self.service),
@@ -5527,6 +6635,10 @@ class Gateway:
 
     async def _reload_users(self) -> None:
         self.users.reload_if_changed()
+        if self.service is not None and not self.config.demo:
+            routing = self.routing.changed()
+            if routing is not None:
+                self.service.install_routing(routing)
 
     async def _maintain(self) -> None:
         LOG_GUARD.flush()
@@ -5553,8 +6665,7 @@ class Gateway:
             task.cancel()
         await self.store.close()
         self.service.calls.close()
-        self.service.upstream.close()
-        self.service.anthropic.close()
+        self.service.router.close()
         await self.server.close_all_connections()
 
     async def _drain(self) -> None:
@@ -5594,6 +6705,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("user", "usage"):
         return admin_main(argv, dict(os.environ))
+    if argv and argv[0] == "upstreams":
+        return upstreams_main(argv[1:], dict(os.environ))
     try:
         config = parse_config(argv, dict(os.environ))
     except (ConfigError, tornado.options.Error) as e:
