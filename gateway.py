@@ -110,6 +110,13 @@ MSG_INTERNAL = "系统内部错误"
 MSG_STOPPING = "服务正在停止"
 MSG_FORBIDDEN = "无权访问"
 MSG_TOO_MANY = "请求过于频繁"
+# Per-user policy (users.yaml): each has its machine code in data.error / error.code.
+MSG_MODEL_NOT_ALLOWED = "无权使用该模型"
+MSG_RPM = "每分钟请求次数已达上限"
+MSG_TPM = "每分钟Token用量已达上限"
+MSG_CONCURRENCY = "并发请求数已达上限"
+MSG_KEY_EXPIRED = "API Key已过期"
+MSG_IP_NOT_ALLOWED = "IP地址不在允许范围内"
 
 # The client APIs the gateway speaks: OpenAI's (chat, completions, embeddings), OpenAI's
 # Responses API, Anthropic's Messages API. An upstream speaks OpenAI's or Anthropic's.
@@ -156,6 +163,12 @@ _OPENAI_CODES = {
     MSG_INTERNAL: "internal_error",
     MSG_STOPPING: "shutting_down",
     MSG_TOO_MANY: "too_many_requests",
+    MSG_MODEL_NOT_ALLOWED: "model_not_allowed",
+    MSG_RPM: "rpm_limit_exceeded",
+    MSG_TPM: "tpm_limit_exceeded",
+    MSG_CONCURRENCY: "concurrency_limit_exceeded",
+    MSG_KEY_EXPIRED: "api_key_expired",
+    MSG_IP_NOT_ALLOWED: "ip_not_allowed",
 }
 
 
@@ -208,13 +221,15 @@ class StoreError(Exception):
 
 
 class QuotaExceeded(Exception):
-    """A reservation was refused: `reason` is "requests", "tokens" or "corrupt"."""
+    """A reservation was refused: `reason` is "requests", "tokens", "corrupt", or from the
+    user's policy "rpm", "tpm" or "concurrency" (`retry_after`: seconds, for rpm and tpm)."""
 
-    def __init__(self, reason: str, user: User, counts: Counts) -> None:
+    def __init__(self, reason: str, user: User, counts: Counts, retry_after: int = 0) -> None:
         super().__init__(reason)
         self.reason = reason
         self.user = user
         self.counts = counts
+        self.retry_after = retry_after
 
 
 class UpstreamFailure(Exception):
@@ -242,6 +257,13 @@ class UpstreamFailure(Exception):
         self.attempts = attempts or []
 
 
+_POLICY_REFUSALS = {
+    "rpm": (MSG_RPM, "rpm_limit_exceeded"),
+    "tpm": (MSG_TPM, "tpm_limit_exceeded"),
+    "concurrency": (MSG_CONCURRENCY, "concurrency_limit_exceeded"),
+}
+
+
 def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
     """The answer to an exception raised under a handler: the one place where failures
     become responses (write_error renders it in the route's shape)."""
@@ -255,6 +277,12 @@ def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
                 {"error": "this user's usage records are unreadable; see the gateway log"},
             )
         user, c = exc.user, exc.counts
+        if exc.reason in _POLICY_REFUSALS:
+            message, code = _POLICY_REFUSALS[exc.reason]
+            headers = {"x-should-retry": "true" if exc.reason != "concurrency" else "false"}
+            if exc.retry_after:
+                headers["Retry-After"] = str(exc.retry_after)
+            return GatewayError(429, message, {"error": code, "in_flight": c.reserved}, headers)
         return GatewayError(
             429,
             MSG_REQUEST_LIMIT if exc.reason == "requests" else MSG_TOKEN_LIMIT,
@@ -793,6 +821,10 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 DEFAULT_REQUEST_LIMIT = 1000
 DEFAULT_TOKEN_LIMIT = 100000
+_POLICY_FIELDS = frozenset(
+    {"models", "rpm", "tpm", "max_concurrency", "expires", "allow_ips", "weight", "token_policy"}
+)
+_LIMIT_FIELDS = frozenset({"daily_request_limit", "daily_token_limit"})
 _USER_FIELDS = {
     "api_key",
     "api_key_sha256",
@@ -800,6 +832,8 @@ _USER_FIELDS = {
     "daily_token_limit",
     "enabled",
     "demo_only",
+    "group",
+    *_POLICY_FIELDS,
 }
 _NAME_RE = re.compile(r'^[^"\\]{1,64}$')
 # A plain api_key: what a client can send in a header and the gateway compare byte for byte.
@@ -816,6 +850,42 @@ def valid_name(name: Any) -> bool:
 _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
+TOKEN_POLICIES = ADMIT, RESERVE, STRICT = ("admit", "reserve", "strict")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A user's per-call rules beyond the daily limits (users.yaml: user > group > defaults).
+
+    `token_policy`: "admit" admits while tokens used < the daily limit (the API contract's
+    rule); "reserve" also counts what calls in flight hold (their prompt estimate plus their
+    max_tokens); "strict" as reserve, and lowers a call's max_tokens to what is left.
+    """
+
+    models: tuple[str, ...] = ("*",)  # globs over the model names clients send
+    rpm: int = 0  # requests per rolling minute; 0: no limit
+    tpm: int = 0  # tokens per rolling minute; 0: no limit
+    max_concurrency: int = 0  # calls in flight or queued at once; 0: no limit
+    expires: date | None = None  # the key stops working after this day
+    allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any
+    weight: int = 1  # share of the workers when calls wait
+    token_policy: str = RESERVE
+
+    def allows_model(self, model: str) -> bool:
+        return self.models == ("*",) or any(fnmatch.fnmatchcase(model, g) for g in self.models)
+
+    def allows_address(self, address: str) -> bool:
+        if not self.allow_ips:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.allow_ips)
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     name: str
@@ -823,6 +893,8 @@ class User:
     daily_request_limit: int
     daily_token_limit: int
     enabled: bool = True
+    policy: Policy = Policy()
+    group: str = ""
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -858,6 +930,60 @@ def _limit(value: Any, where: str) -> int:
     return value
 
 
+def _policy_value(name: str, value: Any, where: str) -> Any:
+    """One policy setting of users.yaml, checked and converted."""
+    if name in ("rpm", "tpm", "max_concurrency"):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**12:
+            raise ConfigError(f"{where} must be a whole number >= 0 (0: no limit), got {value!r}")
+        return value
+    if name == "weight":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+            raise ConfigError(f"{where} must be a whole number from 1 to 1000, got {value!r}")
+        return value
+    if name == "token_policy":
+        if value not in TOKEN_POLICIES:
+            raise ConfigError(f"{where} must be one of {', '.join(TOKEN_POLICIES)}")
+        return value
+    if name == "expires":
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            raise ConfigError(f"{where} must be a day, YYYY-MM-DD")
+        if isinstance(value, date):
+            return value
+        try:
+            return date.fromisoformat(str(value))
+        except ValueError:
+            raise ConfigError(f"{where} must be a day, YYYY-MM-DD, got {value!r}") from None
+    if name == "models":
+        if not isinstance(value, list) or not value or len(value) > 1000:
+            raise ConfigError(f"{where} must be a list of 1-1000 model globs")
+        for glob in value:
+            if not isinstance(glob, str) or not 1 <= len(glob) <= 200 or not glob.isprintable():
+                raise ConfigError(f"{where}: a model glob is 1-200 printable characters")
+        return tuple(value)
+    # allow_ips
+    if not isinstance(value, list) or len(value) > 1000:
+        raise ConfigError(f"{where} must be a list of addresses or networks (10.0.0.0/8)")
+    nets = []
+    for item in value:
+        try:
+            nets.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ConfigError(f"{where}: {str(item)[:60]!r} is not an address or network") from None
+    return tuple(nets)
+
+
+def _settings(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """The daily limits and policy settings an entry sets, checked."""
+    out: dict[str, Any] = {}
+    for name in _LIMIT_FIELDS & entry.keys():
+        out[name] = _limit(entry[name], f"{where}.{name}")
+    for name in _POLICY_FIELDS & entry.keys():
+        out[name] = _policy_value(name, entry[name], f"{where}.{name}")
+    return out
+
+
 def parse_users(text: str, demo: bool = False) -> dict[str, User]:
     """Parse users.yaml text; raise ConfigError naming the first problem."""
     try:
@@ -869,21 +995,35 @@ def parse_users(text: str, demo: bool = False) -> dict[str, User]:
     if not isinstance(doc, dict):
         raise ConfigError("the top level must be a mapping with 'defaults' and 'users'")
     # x-… keys are free for YAML anchors (x-base: &base {...}), as in docker-compose files.
-    unknown = {k for k in doc if k not in ("defaults", "users") and not str(k).startswith("x-")}
+    unknown = {
+        k for k in doc if k not in ("defaults", "users", "groups") and not str(k).startswith("x-")
+    }
     if unknown:
         raise ConfigError(f"unknown top-level keys: {sorted(map(str, unknown))}")
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ConfigError("'defaults' must be a mapping")
-    bad = set(defaults) - {"daily_request_limit", "daily_token_limit"}
+    bad = set(defaults) - _LIMIT_FIELDS - _POLICY_FIELDS
     if bad:
         raise ConfigError(f"unknown keys in defaults: {sorted(map(str, bad))}")
-    default_requests = _limit(
-        defaults.get("daily_request_limit", DEFAULT_REQUEST_LIMIT), "defaults.daily_request_limit"
-    )
-    default_tokens = _limit(
-        defaults.get("daily_token_limit", DEFAULT_TOKEN_LIMIT), "defaults.daily_token_limit"
-    )
+    base = {
+        "daily_request_limit": DEFAULT_REQUEST_LIMIT,
+        "daily_token_limit": DEFAULT_TOKEN_LIMIT,
+        **_settings(defaults, "defaults"),
+    }
+    groups_doc = doc.get("groups") or {}
+    if not isinstance(groups_doc, dict):
+        raise ConfigError("'groups' must be a mapping of name -> settings")
+    groups: dict[str, dict[str, Any]] = {}
+    for gname, gentry in groups_doc.items():
+        if not valid_name(gname):
+            raise ConfigError(f"group name {gname!r}: 1-64 printable characters, no quotes")
+        if not isinstance(gentry, dict):
+            raise ConfigError(f"groups.{gname} must be a mapping")
+        bad = set(gentry) - _LIMIT_FIELDS - _POLICY_FIELDS
+        if bad:
+            raise ConfigError(f"groups.{gname}: unknown keys {sorted(map(str, bad))}")
+        groups[gname] = _settings(gentry, f"groups.{gname}")
     entries = doc.get("users") or {}
     if not isinstance(entries, dict):
         raise ConfigError("'users' must be a mapping of name -> settings")
@@ -920,17 +1060,20 @@ def parse_users(text: str, demo: bool = False) -> dict[str, User]:
         if digest in digests:
             raise ConfigError(f"users.{name} has the same key as users.{digests[digest]}")
         digests[digest] = name
+        group = entry.get("group", "")
+        if not isinstance(group, str):
+            raise ConfigError(f"users.{name}.group must be a group's name")
+        if group and group not in groups:
+            raise ConfigError(f"users.{name}.group: no group {str(group)[:64]!r} in 'groups'")
+        settings = {**base, **groups.get(group, {}), **_settings(entry, f"users.{name}")}
         users[name] = User(
             name=name,
             key_sha256=digest,
-            daily_request_limit=_limit(
-                entry.get("daily_request_limit", default_requests),
-                f"users.{name}.daily_request_limit",
-            ),
-            daily_token_limit=_limit(
-                entry.get("daily_token_limit", default_tokens), f"users.{name}.daily_token_limit"
-            ),
+            daily_request_limit=settings.pop("daily_request_limit"),
+            daily_token_limit=settings.pop("daily_token_limit"),
             enabled=enabled,
+            policy=Policy(**settings),
+            group=group,
         )
     return users
 
@@ -1251,9 +1394,10 @@ class Counts:
     requests: int = 0
     tokens: int = 0
     reserved: int = 0
+    held: int = 0  # tokens held by calls in flight (token_policy reserve or strict)
 
     def copy(self) -> Counts:
-        return Counts(self.requests, self.tokens, self.reserved)
+        return Counts(self.requests, self.tokens, self.reserved, self.held)
 
 
 def remaining(user: User, counts: Counts) -> tuple[int, int]:
@@ -1298,6 +1442,7 @@ class Reservation:
     id: str
     user: str
     day: str
+    grant: int = 0  # tokens the call may hold (token_policy reserve/strict); 0: no hold
 
 
 class UsageStore(abc.ABC):
@@ -1310,8 +1455,10 @@ class UsageStore(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def reserve(self, user: User, day: str) -> Reservation:
-        """Take one request slot, or raise QuotaExceeded."""
+    async def reserve(self, user: User, day: str, want: int = 0, prompt: int = 0) -> Reservation:
+        """Take one request slot, or raise QuotaExceeded. `want`: the tokens the call asks
+        to hold (its prompt estimate `prompt` plus its max_tokens), for the user's token
+        policy; the reservation's `grant` is what it may hold."""
 
     @abc.abstractmethod
     async def settle(self, res: Reservation, usage: Usage, call: CallFacts) -> Counts:
@@ -1358,8 +1505,15 @@ F_ESTIMATED = "e"  # 1: the tokens are an estimate (the upstream sent no usable 
 F_MODEL = "m"  # the model the client asked for
 F_LATENCY = "ms"  # admission to answer, in milliseconds
 F_PARTIAL = "partial"  # 1: a stream cut short (client left, upstream broke), charged so far
+# The user's policy when reserving (absent: no such limit), decided like the daily limits:
+F_RPM = "rpm"  # requests per rolling minute
+F_TPM = "tpm"  # tokens per rolling minute
+F_CONCURRENCY = "mc"  # calls in flight at once
+F_POLICY = "tp"  # token policy: "r" reserve, "s" strict (absent: admit)
+F_WANT = "w"  # tokens the call asks to hold: its prompt estimate plus its max_tokens
+F_PROMPT_ESTIMATE = "pe"  # strict: the prompt estimate, which must fit in what is left
 # Kinds:
-KIND_RESERVE = "r"  # u id o rl tl t: take a slot (granted unless the user is at a limit)
+KIND_RESERVE = "r"  # u id o rl tl t [rpm tpm mc tp w pe]: take a slot (granted unless at a limit)
 KIND_SETTLE = "s"  # u id n p c t [e m ms partial]: charge the call; its slot closes
 KIND_RELEASE = "x"  # u id: give the slot back (the call failed and costs nothing)
 KIND_DEAD = "d"  # o: that process is gone; free every slot it still holds
@@ -1406,7 +1560,13 @@ class _Ledger:
         self.snapshot = store.root / f"{day}.json"
         self.counters: dict[str, Counts] = {}
         self.open: dict[str, tuple[str, str]] = {}  # reservation id -> (user, owner)
-        self.decisions: dict[str, str | None] = {}  # our reservation id -> refusal reason
+        self.holds: dict[str, int] = {}  # reservation id -> tokens it holds (if any)
+        # user -> (time in ms, reservation id or tokens) within the last minute: rpm and tpm
+        self.minute_calls: dict[str, collections.deque[tuple[int, str]]] = {}
+        self.minute_tokens: dict[str, collections.deque[tuple[int, int]]] = {}
+        # our reservation id -> refusal reason, or None and the tokens granted
+        self.decisions: dict[str, str | None] = {}
+        self.grants: dict[str, int] = {}
         self.requests = 0
         self.tokens = 0
         self.tainted: dict[str, str] = {}  # user -> why their records cannot be trusted
@@ -1449,6 +1609,7 @@ class _Ledger:
                 u: Counts(int(c["requests"]), int(c["tokens"])) for u, c in snap["users"].items()
             }
             opened = {rid: (str(u), str(o)) for rid, (u, o) in snap["open"].items()}
+            holds = {str(rid): int(h) for rid, h in snap.get("holds", {}).items() if rid in opened}
             tainted = {str(u): str(why) for u, why in snap.get("tainted", {}).items()}
             tainted_all = str(snap.get("tainted_all", ""))
             forgiven = {
@@ -1470,11 +1631,13 @@ class _Ledger:
             self.tainted_all = f"{self.journal.name} is shorter than {self.snapshot.name} records"
             log.error("usage data for %s refused: %s", self.day, self.tainted_all)
             return
-        self.counters, self.open = users, opened
+        self.counters, self.open, self.holds = users, opened, holds
         self.tainted, self.tainted_all = tainted, tainted_all
         self.forgiven = forgiven
-        for u, _ in opened.values():
-            self.counter(u).reserved += 1
+        for rid, (u, _) in opened.items():
+            c = self.counter(u)
+            c.reserved += 1
+            c.held += holds.get(rid, 0)
         self.requests = sum(c.requests for c in users.values())
         self.tokens = sum(c.tokens for c in users.values())
         self.requests += sum(r for r, _ in forgiven.values())
@@ -1565,21 +1728,7 @@ class _Ledger:
     def _apply(self, rec: dict[str, Any]) -> None:
         kind = rec[F_KIND]
         if kind == KIND_RESERVE:
-            user, rid, owner = rec[F_USER], rec[F_ID], rec[F_OWNER]
-            rl, tl = int(rec[F_REQUEST_LIMIT]), int(rec[F_TOKEN_LIMIT])
-            c = self.counter(user)
-            reason: str | None = None
-            if self.tainted_all or user in self.tainted:
-                reason = "corrupt"
-            elif c.requests + c.reserved >= rl:
-                reason = "requests"
-            elif c.tokens >= tl:
-                reason = "tokens"
-            else:
-                c.reserved += 1
-                self.open[rid] = (user, owner)
-            if owner == self.store.owner:
-                self.decisions[rid] = reason
+            self._reserve(rec)
         elif kind == KIND_SETTLE:
             user, n = rec[F_USER], int(rec[F_TOKENS])
             if n < 0:
@@ -1587,19 +1736,32 @@ class _Ledger:
             c = self.counter(user)
             if self.open.pop(rec[F_ID], None) is not None:
                 c.reserved -= 1
+                c.held -= self.holds.pop(rec[F_ID], 0)
             # A settle is charged even if its slot was already freed: the call was answered.
             c.requests += 1
             c.tokens += n
             self.requests += 1
             self.tokens += n
+            if n and user in self.minute_tokens:
+                self.minute_tokens[user].append((int(rec.get(F_TIME, 0)), n))
         elif kind == KIND_RELEASE:
             entry = self.open.pop(rec[F_ID], None)
             if entry is not None:
-                self.counter(entry[0]).reserved -= 1
+                c = self.counter(entry[0])
+                c.reserved -= 1
+                c.held -= self.holds.pop(rec[F_ID], 0)
+                calls = self.minute_calls.get(entry[0])
+                if calls:  # a failed call costs nothing, its minute's slot included
+                    for i, (_, rid) in enumerate(calls):
+                        if rid == rec[F_ID]:
+                            del calls[i]
+                            break
         elif kind == KIND_DEAD:
             owner = rec[F_OWNER]
             for rid in [rid for rid, (_, o) in self.open.items() if o == owner]:
-                self.counter(self.open.pop(rid)[0]).reserved -= 1
+                c = self.counter(self.open.pop(rid)[0])
+                c.reserved -= 1
+                c.held -= self.holds.pop(rid, 0)
         elif kind == KIND_RESET:
             # An administrator's reset: the day starts over for this user's limits. Calls in
             # flight keep their slots and are charged when they finish.
@@ -1610,6 +1772,66 @@ class _Ledger:
             c.requests = c.tokens = 0
         else:
             raise ValueError(f"unknown record kind {kind!r}")
+
+    def _reserve(self, rec: dict[str, Any]) -> None:
+        """Decide a reservation from the records before it, as every process does."""
+        user, rid, owner = rec[F_USER], rec[F_ID], rec[F_OWNER]
+        rl, tl = int(rec[F_REQUEST_LIMIT]), int(rec[F_TOKEN_LIMIT])
+        now = int(rec.get(F_TIME, 0))
+        policy = rec.get(F_POLICY, "")  # "": admit, "r": reserve, "s": strict
+        c = self.counter(user)
+        held = c.held if policy else 0
+        rpm, tpm, mc = (
+            int(rec.get(F_RPM, 0)),
+            int(rec.get(F_TPM, 0)),
+            int(rec.get(F_CONCURRENCY, 0)),
+        )
+        calls = tokens = None
+        if rpm:
+            calls = self.minute_calls.setdefault(user, collections.deque())
+            while calls and calls[0][0] <= now - 60_000:
+                calls.popleft()
+        if tpm:
+            tokens = self.minute_tokens.setdefault(user, collections.deque())
+            while tokens and tokens[0][0] <= now - 60_000:
+                tokens.popleft()
+        reason: str | None = None
+        grant = 0
+        if self.tainted_all or user in self.tainted:
+            reason = "corrupt"
+        elif c.requests + c.reserved >= rl:
+            reason = "requests"
+        elif c.tokens + held >= tl:
+            reason = "tokens"
+        elif mc and c.reserved >= mc:
+            reason = "concurrency"
+        elif calls is not None and len(calls) >= rpm:
+            reason = "rpm"
+        elif tokens is not None and sum(n for _, n in tokens) + held >= tpm:
+            reason = "tpm"
+        elif policy:
+            grant = int(rec.get(F_WANT, 0))
+            if policy == "s":
+                left = tl - c.tokens - held
+                if int(rec.get(F_PROMPT_ESTIMATE, 0)) > left:
+                    reason = "tokens"  # the prompt alone does not fit in what is left
+                grant = min(grant, left) if grant else left
+        if reason is None:
+            c.reserved += 1
+            self.open[rid] = (user, owner)
+            if grant:
+                self.holds[rid] = grant
+                c.held += grant
+            if calls is not None:
+                calls.append((now, rid))
+        if owner == self.store.owner:
+            self.decisions[rid] = reason
+            self.grants[rid] = grant
+
+    def minute_wait(self, user: str, now_ms: int) -> int:
+        """Seconds until the oldest call or charge of the user's last minute leaves it."""
+        oldest = [q[0][0] for q in (self.minute_calls.get(user), self.minute_tokens.get(user)) if q]
+        return max(1, math.ceil((min(oldest) + 60_000 - now_ms) / 1000)) if oldest else 1
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -1666,6 +1888,7 @@ class _Ledger:
                 if c.requests or c.tokens
             },
             "open": {rid: list(entry) for rid, entry in self.open.items()},
+            "holds": dict(self.holds),
             "tainted": self.tainted,
             "forgiven": {
                 u: {"requests": r, "tokens": t} for u, (r, t) in sorted(self.forgiven.items())
@@ -1772,22 +1995,20 @@ class JournalStore(UsageStore):
             ledger = self._ledgers[day] = _Ledger(self, day)
         return ledger
 
-    async def reserve(self, user: User, day: str) -> Reservation:
+    async def reserve(self, user: User, day: str, want: int = 0, prompt: int = 0) -> Reservation:
         ledger = self._ledger(day)
         c = ledger.counter(user.name)
+        policy = user.policy
+        now = int(self.clock.now() * 1000)
         # A user whose charged calls and calls in flight already reach a limit is refused
         # without a write, after reading what other processes appended (a reset, a settle, a
         # released slot): a flood of refused calls does not grow the journal. Everyone else
-        # is decided by the journal's order.
-        limit = user.daily_request_limit
-        if c.requests + c.reserved >= limit or c.tokens >= user.daily_token_limit:
+        # is decided by the journal's order, where every process reaches the same verdict.
+        if self._refusal(ledger, user, c, now) is not None:
             ledger.catch_up()
-        if ledger.tainted_all or user.name in ledger.tainted:
-            raise QuotaExceeded("corrupt", user, c.copy())
-        if c.requests + c.reserved >= limit:
-            raise QuotaExceeded("requests", user, c.copy())
-        if c.tokens >= user.daily_token_limit:
-            raise QuotaExceeded("tokens", user, c.copy())
+        reason = self._refusal(ledger, user, c, now)
+        if reason is not None:
+            raise QuotaExceeded(reason, user, c.copy(), ledger.minute_wait(user.name, now))
         self._seq += 1
         rid = f"{self.owner}-{self._seq}"
         rec = {
@@ -1797,8 +2018,18 @@ class JournalStore(UsageStore):
             F_OWNER: self.owner,
             F_REQUEST_LIMIT: user.daily_request_limit,
             F_TOKEN_LIMIT: user.daily_token_limit,
-            F_TIME: int(self.clock.now() * 1000),
+            F_TIME: now,
         }
+        for field, value in ((F_RPM, policy.rpm), (F_TPM, policy.tpm)):
+            if value:
+                rec[field] = value
+        if policy.max_concurrency:
+            rec[F_CONCURRENCY] = policy.max_concurrency
+        if policy.token_policy != ADMIT:
+            rec[F_POLICY] = policy.token_policy[0]
+            rec[F_WANT] = want
+            if policy.token_policy == STRICT:
+                rec[F_PROMPT_ESTIMATE] = prompt
         end = ledger.append(rec)
         try:
             ledger.catch_up(until=end)
@@ -1806,9 +2037,32 @@ class JournalStore(UsageStore):
             ledger.append({F_USER: user.name, F_KIND: KIND_RELEASE, F_ID: rid})  # may be granted
             raise
         reason = ledger.decisions.pop(rid)
+        grant = ledger.grants.pop(rid, 0)
         if reason is not None:
-            raise QuotaExceeded(reason, user, c.copy())
-        return Reservation(rid, user.name, day)
+            raise QuotaExceeded(reason, user, c.copy(), ledger.minute_wait(user.name, now))
+        return Reservation(rid, user.name, day, grant)
+
+    @staticmethod
+    def _refusal(ledger: _Ledger, user: User, c: Counts, now: int) -> str | None:
+        """The limit a reservation would meet on what this process has read so far."""
+        policy = user.policy
+        held = c.held if policy.token_policy != ADMIT else 0
+        if ledger.tainted_all or user.name in ledger.tainted:
+            return "corrupt"
+        if c.requests + c.reserved >= user.daily_request_limit:
+            return "requests"
+        if c.tokens + held >= user.daily_token_limit:
+            return "tokens"
+        if policy.max_concurrency and c.reserved >= policy.max_concurrency:
+            return "concurrency"
+        since = now - 60_000
+        calls = ledger.minute_calls.get(user.name)
+        if policy.rpm and calls and sum(t > since for t, _ in calls) >= policy.rpm:
+            return "rpm"
+        tokens = ledger.minute_tokens.get(user.name)
+        if policy.tpm and tokens and sum(n for t, n in tokens if t > since) + held >= policy.tpm:
+            return "tpm"
+        return None
 
     async def settle(self, res: Reservation, usage: Usage, call: CallFacts) -> Counts:
         ledger = self._ledger(res.day)
@@ -2182,6 +2436,11 @@ class Job:
     client_left: bool = False
     queued_at: float = dataclasses.field(default_factory=time.monotonic)
     started_at: float = 0.0
+    user: str = ""  # whose call: fair share takes turns between users
+    weight: int = 1  # the user's share of the workers when calls wait
+    prompt: int = 0  # the prompt's estimated tokens (token policies)
+    max_tokens: int = 0  # the client's cap on generated tokens; 0: none given
+    cap: int = 0  # token_policy strict: the max_tokens the upstream gets (0: the client's)
 
 
 class CallQueue:
@@ -3063,7 +3322,7 @@ def prune_days(root: str, keep_days: int, today: str) -> list[str]:
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _MAX_SERIES = 10_000  # label sets per counter; beyond it, new models count as "(other)"
 # Answers that turn a call away before the upstream, by the code in the call log.
-_REJECTIONS = {400, 401, 413, 429, 431, 503}
+_REJECTIONS = {400, 401, 403, 413, 429, 431, 503}
 
 
 def _label(value: str) -> str:
@@ -3926,6 +4185,21 @@ class Target:
         return API_ANTHROPIC if self.api == API_ANTHROPIC else API_OPENAI
 
 
+async def _no_call() -> Answer:
+    raise AssertionError("a Job's call is set by the job builder")
+
+
+def _cap_field(request: dict[str, Any], target: Target) -> str:
+    """The request field that caps generated tokens in the target's API ("" for none)."""
+    if target.api == API_ANTHROPIC:
+        return "max_tokens"
+    if target.api == API_RESPONSES:
+        return "max_output_tokens"
+    if target.path == "/embeddings":
+        return ""
+    return "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
+
+
 def _with_model(request: dict[str, Any], model: str) -> bytes:
     """The request as sent upstream under another model name (upstreams.yaml `models:`)."""
     return json.dumps({**request, "model": model}, ensure_ascii=False).encode()
@@ -3984,12 +4258,18 @@ class Service:
         self.idle.set()
         self._models: tuple[float, dict[str, Any]] | None = None
 
-    def authenticate(self, key: str | None) -> User:
+    def authenticate(self, key: str | None, address: str = "") -> User:
+        """The user of a key, if it may call from this address today; else the 401/403."""
         if not key:
             raise GatewayError(401, MSG_BAD_KEY, {"error": "missing API key"})
         user = self.users.authenticate(key)
         if user is None:
             raise GatewayError(401, MSG_BAD_KEY, {"error": "unknown or disabled API key"})
+        policy = user.policy
+        if policy.expires is not None and self.clock.today() > policy.expires.isoformat():
+            raise GatewayError(401, MSG_KEY_EXPIRED, {"error": "api_key_expired"})
+        if not policy.allows_address(address):
+            raise GatewayError(403, MSG_IP_NOT_ALLOWED, {"error": "ip_not_allowed"})
         return user
 
     def install_routing(self, routing: RoutingSpec) -> None:
@@ -4055,8 +4335,12 @@ class Service:
         # Admit: the gateway can take a call, and the user has a slot (reserved now).
         self.check_accepting(job.api)
         day = self.clock.today()  # settled against the day it was admitted on
-        res: Reservation | None = await self.store.reserve(user, day)
+        job.user, job.weight = user.name, user.policy.weight
+        want = job.prompt + job.max_tokens
+        res: Reservation | None = await self.store.reserve(user, day, want, job.prompt)
         assert res is not None
+        if user.policy.token_policy == STRICT and res.grant > job.prompt:
+            job.cap = res.grant - job.prompt  # what is left of the day's tokens, at most
         rec.call_id, rec.day = res.id, day
         self.active += 1
         self.idle.clear()
@@ -4160,13 +4444,52 @@ class Service:
             attempts=attempts if router.spec.from_file else [],
         )
 
+    @staticmethod
+    def _job(target: Target, body: bytes, request: dict[str, Any], model: str) -> Job:
+        """A Job with what admission needs to know of the call: its prompt estimate and the
+        client's max_tokens (in the field its API uses)."""
+        job = Job(call=_no_call, model=model, api=target.upstream_api)
+        job.prompt = estimate_request_tokens(request, len(body))
+        field = _cap_field(request, target)
+        given = request.get(field) if field else None
+        job.max_tokens = given if type(given) is int and given > 0 else 0
+        return job
+
+    @staticmethod
+    def _upstream_body(
+        target: Target,
+        route: Route,
+        body: bytes,
+        request: dict[str, Any],
+        *,
+        job: Job,
+        stream: bool,
+    ) -> tuple[bytes, bool]:
+        """The body as sent upstream (the mapped model name, a strict max_tokens, the usage
+        chunk asked for) and whether the client asked for the usage chunk itself."""
+        changes: dict[str, Any] = {}
+        if route.model != request.get("model"):
+            changes["model"] = route.model
+        field = _cap_field(request, target)
+        if job.cap and field and not 0 < job.max_tokens <= job.cap:
+            changes[field] = job.cap
+        wanted = True
+        if stream and target.api == API_OPENAI:
+            options = request.get("stream_options")
+            wanted = isinstance(options, dict) and options.get("include_usage") is True
+            changes["stream_options"] = {**(options or {}), "include_usage": True}
+        if not changes:
+            return body, wanted
+        return json.dumps({**request, **changes}, ensure_ascii=False).encode(), wanted
+
     def json_job(
         self, target: Target, route: Route, body: bytes, request: dict[str, Any], *, model: str
     ) -> Job:
         """A call whose answer is one JSON document."""
-        sent = body if route.model == request.get("model") else _with_model(request, route.model)
+        job = self._job(target, body, request, model)
 
         async def attempt(channel: Channel, key: KeyState) -> Answer:
+            sent, _ = self._upstream_body(target, route, body, request, job=job, stream=False)
             upstream = channel.client
             headers = {**channel.headers, **target.headers}
             reply, raw = await upstream.post_json(target.path, sent, headers, key.secret)
@@ -4178,7 +4501,8 @@ class Service:
                 upstream_id=upstream.redactor.text(uid[:200]) if isinstance(uid, str) else "",
             )
 
-        return Job(call=lambda: self.routed(route, attempt), model=model, api=target.upstream_api)
+        job.call = lambda: self.routed(route, attempt)
+        return job
 
     def stream_job(
         self,
@@ -4192,18 +4516,10 @@ class Service:
     ) -> Job:
         """A streamed call. OpenAI's streams always ask the upstream for usage (dropped again
         if the client did not ask); the Responses and Messages APIs always report it."""
-        wanted = True
-        sent = request
-        if route.model != request.get("model"):
-            sent = {**request, "model": route.model}
-        if target.api == API_OPENAI:
-            options = request.get("stream_options")
-            wanted = isinstance(options, dict) and options.get("include_usage") is True
-            sent = {**sent, "stream_options": {**(options or {}), "include_usage": True}}
-        if sent is not request:
-            body = json.dumps(sent, ensure_ascii=False).encode()
+        job = self._job(target, body, request, model)
 
         async def attempt(channel: Channel, key: KeyState) -> Answer:
+            sent, wanted = self._upstream_body(target, route, body, request, job=job, stream=True)
             upstream = channel.client
             sse = SSERelay(
                 sink,
@@ -4211,13 +4527,13 @@ class Service:
                 not wanted,
                 redactor=upstream.redactor,
                 max_event=self.config.max_event_size,
-                size=len(body),
+                size=len(sent),
                 api=target.api,
             )
             try:
                 error = await upstream.stream(
                     target.path,
-                    body,
+                    sent,
                     sse.on_header,
                     sse.on_chunk,
                     headers={**channel.headers, **target.headers},
@@ -4231,7 +4547,8 @@ class Service:
                 error = "the gateway could not finish relaying the stream"
             return await sse.finish(error)
 
-        return Job(call=lambda: self.routed(route, attempt), model=model, api=target.upstream_api)
+        job.call = lambda: self.routed(route, attempt)
+        return job
 
     async def uncharged(self, target: Target, body: bytes, request: dict[str, Any]) -> bytes:
         """A call that costs the user nothing (Anthropic's count_tokens): through the queue,
@@ -4695,6 +5012,8 @@ class RelayHandler(BaseHandler, StreamSink):
             body = json.dumps(request, ensure_ascii=False).encode()
         stream = rec.stream = self.validate(request)
         rec.model = str(request.get("model"))[:100]
+        if not cast(User, self.user).policy.allows_model(str(request.get("model"))):
+            raise GatewayError(403, MSG_MODEL_NOT_ALLOWED, {"error": "model_not_allowed"})
         target = self.target()
         route = service.route(target, request.get("model"))
         if stream:
@@ -4721,7 +5040,7 @@ class RelayHandler(BaseHandler, StreamSink):
         return self.request.headers.get("X-API-Key") or bearer_token(self.request)
 
     def check_access(self) -> None:
-        self.user = self.service.authenticate(self.api_key())
+        self.user = self.service.authenticate(self.api_key(), self.request.remote_ip or "")
         cast(CallRecord, self.record).user = self.user.name
 
     def on_connection_close(self) -> None:
@@ -4887,7 +5206,7 @@ class ModelsHandler(OpenAIHandler):
     """GET /v1/models: what the users can call; GET /v1/models/{id}: one of them."""
 
     def check_access(self) -> None:
-        self.user = self.service.authenticate(self.api_key())
+        self.user = self.service.authenticate(self.api_key(), self.request.remote_ip or "")
 
     async def get(self, model_id: str | None = None) -> None:
         models = await self.service.models()
