@@ -558,6 +558,7 @@ class Config:
     max_body_memory: int = 64 * 1024 * 1024
     max_event_size: int = 1024 * 1024
     cors_origins: str = ""
+    user_queue_share: float = 0.5
 
     def cors(self) -> frozenset[str]:
         """The origins whose pages may call the API (`*`: any); empty: none."""
@@ -691,6 +692,12 @@ def define_options() -> tornado.options.OptionParser:
         "routes, or *; empty: none (the admin pages never)",
     )
     p.define(
+        "user-queue-share",
+        d.user_queue_share,
+        float,
+        "the share of --queue-size one user's waiting calls may take (0-1; 1: no cap)",
+    )
+    p.define(
         "max-event-size",
         d.max_event_size,
         int,
@@ -737,6 +744,8 @@ def parse_config(argv: list[str], env: dict[str, str]) -> Config:
         raise ConfigError("--queue-size must be >= 0 and --max-body-size >= 1")
     if config.max_body_memory < config.max_body_size:
         raise ConfigError("--max-body-memory must be at least --max-body-size")
+    if not 0 < config.user_queue_share <= 1:
+        raise ConfigError("--user-queue-share must be above 0 and at most 1")
     if config.max_event_size < 1024:
         raise ConfigError("--max-event-size must be at least 1024 bytes")
     config.tz()
@@ -2444,20 +2453,27 @@ class Job:
 
 
 class CallQueue:
-    """A bounded tornado.queues.Queue drained by --concurrency workers.
+    """The waiting room: a bounded tornado.queues.Queue of turns drained by --concurrency
+    workers, and a fair choice of which call a free worker takes.
 
-    At most `concurrency` calls run and `size` more wait; the next is refused with 503.
-    `waiting` counts calls submitted but not yet started (a call handed straight to an idle
-    worker is in neither the queue nor `processing` until that worker runs, so the queue's
-    own size would undercount). With size 0 there is no waiting room.
+    At most `concurrency` calls run and `size` more wait; the next is refused with 503. One
+    user's waiting calls may take at most `user_share` of the room, so others still get in
+    while one floods it. A free worker takes the next call of the user served least, by
+    `weight` (stride scheduling: each call served moves its user 1/weight along; the user
+    furthest behind goes next; FIFO within one user). `waiting` counts calls submitted but
+    not yet started. With size 0 there is no waiting room.
     """
 
-    def __init__(self, size: int, concurrency: int) -> None:
+    def __init__(self, size: int, concurrency: int, user_share: float = 1.0) -> None:
         self.size = size
         self.concurrency = concurrency
+        self.user_room = max(1, int(size * user_share)) if user_share < 1 else size
         self.waiting = 0
         self.processing = 0
-        self._queue: tornado.queues.Queue[Job | None] = tornado.queues.Queue()
+        self._turns: tornado.queues.Queue[bool] = tornado.queues.Queue()  # False: stop
+        self._lines: dict[str, collections.deque[Job]] = {}  # user -> their waiting calls
+        self._pass: dict[str, float] = {}  # user -> how far along their share they are
+        self._clock = 0.0  # the pass of the call served last
         self._workers: list[asyncio.Task[None]] = []
 
     @property
@@ -2472,21 +2488,51 @@ class CallQueue:
         """True when `concurrency` calls run and `size` more wait."""
         return self.waiting + self.processing >= self.concurrency + self.size
 
+    def user_full(self, user: str) -> bool:
+        """True when this user's waiting calls already take their share of the room."""
+        line = self._lines.get(user)
+        if line is None or self.user_room >= self.size:
+            return False
+        # Calls in the line that an idle worker is about to take do not wait.
+        free = max(0, self.concurrency - self.processing)
+        return len(line) - free >= self.user_room
+
     def start(self) -> None:
         self._workers = [asyncio.ensure_future(self._work()) for _ in range(self.concurrency)]
 
     def submit(self, job: Job) -> None:
         """Queue a job or raise tornado.queues.QueueFull."""
-        if self.full():
+        if self.full() or self.user_full(job.user):
             raise tornado.queues.QueueFull()
+        line = self._lines.get(job.user)
+        if line is None:
+            line = self._lines[job.user] = collections.deque()
+            # A user who had nothing waiting joins at the current pass: no credit saved up
+            # while idle, and no debt either.
+            self._pass[job.user] = max(self._pass.get(job.user, 0.0), self._clock)
+        line.append(job)
         self.waiting += 1
-        self._queue.put_nowait(job)
+        self._turns.put_nowait(True)
+
+    def _next(self) -> Job:
+        """The call to start now: the first of the user furthest behind their share."""
+        user = min(self._lines, key=self._pass.__getitem__)
+        line = self._lines[user]
+        job = line.popleft()
+        if not line:
+            del self._lines[user]
+        self._clock = self._pass[user]
+        self._pass[user] += 1.0 / max(1, job.weight)
+        if len(self._pass) > 4 * (len(self._lines) + 1024):  # forget long-idle users
+            self._pass = {u: p for u, p in self._pass.items() if u in self._lines}
+        return job
 
     async def _work(self) -> None:
-        async for job in self._queue:
+        async for turn in self._turns:
             try:
-                if job is None:
+                if not turn:
                     return
+                job = self._next()
                 self.waiting -= 1
                 if job.client_left:
                     job.future.set_exception(ClientLeft("the client left while its call waited"))
@@ -2500,13 +2546,13 @@ class CallQueue:
                 finally:
                     self.processing -= 1
             finally:
-                self._queue.task_done()
+                self._turns.task_done()
 
     async def drain(self) -> None:
         """Finish every queued call, then stop the workers."""
-        await self._queue.join()
+        await self._turns.join()
         for _ in self._workers:
-            await self._queue.put(None)
+            await self._turns.put(False)
         await asyncio.gather(*self._workers)
 
 
@@ -4244,7 +4290,7 @@ class Service:
         routing = routing or default_routing(config)
         self.router = Router(routing, config, Redactor(config.secrets() + routing_secrets(routing)))
         self._upstream_models: dict[str, tuple[float, list[str]]] = {}
-        self.queue = CallQueue(config.queue_size, config.concurrency)
+        self.queue = CallQueue(config.queue_size, config.concurrency, config.user_queue_share)
         self.calls = CallLog(config.data_dir, clock)
         self.metrics = Metrics()
         self.bodies = BodyBudget(config.max_body_memory)
@@ -4303,13 +4349,17 @@ class Service:
         if self.queue.full():
             raise self._queue_full()
 
-    def _queue_full(self) -> GatewayError:
-        return GatewayError(
-            503,
-            MSG_QUEUE_FULL,
-            {"queue_length": len(self.queue), "queue_size": self.config.queue_size},
-            {"Retry-After": "1"},
-        )
+    def _queue_full(self, user: str = "") -> GatewayError:
+        data: dict[str, Any] = {
+            "queue_length": len(self.queue),
+            "queue_size": self.config.queue_size,
+        }
+        if user and not self.queue.full():
+            data["error"] = (
+                f"this user's waiting calls already take their share of the queue "
+                f"({self.queue.user_room}, --user-queue-share)"
+            )
+        return GatewayError(503, MSG_QUEUE_FULL, data, {"Retry-After": "1"})
 
     def record_call(self, rec: CallRecord) -> None:
         """Put a finished call in the call log and the metrics, once; never raises (the call
@@ -4349,7 +4399,7 @@ class Service:
             try:
                 self.queue.submit(job)
             except tornado.queues.QueueFull:
-                raise self._queue_full() from None
+                raise self._queue_full(job.user) from None
             try:
                 answer = await job.future
             except UpstreamFailure as e:
