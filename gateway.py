@@ -2315,7 +2315,7 @@ class Upstream:
         request.header_callback = lambda line: None if seen else seen.append(line)
         try:
             response = await self.client.fetch(request, raise_error=False)
-        except (OSError, tornado.httpclient.HTTPClientError) as e:
+        except (OSError, tornado.httpclient.HTTPClientError, ValueError, OverflowError) as e:
             # No HTTP answer at all: refused, reset, DNS, TLS, or timed out (Tornado's 599).
             raise UpstreamFailure(None, self._describe(e), responded=bool(seen)) from None
         if response.code == 599:
@@ -2393,7 +2393,13 @@ class Upstream:
             return str(e)
         except ClientLeft:
             return None
-        except (OSError, tornado.httpclient.HTTPClientError, tornado.httputil.HTTPInputError) as e:
+        except (
+            OSError,
+            tornado.httpclient.HTTPClientError,
+            tornado.httputil.HTTPInputError,
+            ValueError,
+            OverflowError,
+        ) as e:
             return self._describe(e)
         return self._describe(response.error) if response.code == 599 else None
 
@@ -2680,9 +2686,11 @@ def _glob(where: str, value: Any) -> str:
 def parse_routing(text: str, env: Mapping[str, str], config: Config) -> RoutingSpec:
     """upstreams.yaml, validated strictly; raises ConfigError naming the first problem."""
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid YAML: {yaml_problem(e)}") from None
+    except (ValueError, RecursionError) as e:  # e.g. a date that does not exist, deep nesting
+        raise ConfigError(f"not valid YAML: {type(e).__name__}") from None
     if not isinstance(doc, dict):
         raise ConfigError("the file must be a mapping with an `upstreams:` section")
     unknown = set(doc) - _ROUTING_FIELDS
@@ -2704,9 +2712,15 @@ def parse_routing(text: str, env: Mapping[str, str], config: Config) -> RoutingS
         if unknown:
             raise ConfigError(f"{where}: unknown setting {sorted(map(str, unknown))[0]!r}")
         url = entry.get("base_url")
-        parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        try:
+            parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+            port_ok = parsed is not None and (parsed.port is None or 0 < parsed.port)
+        except ValueError:  # a bad IPv6 literal, a port that is not 1-65535
+            parsed, port_ok = None, False
         if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ConfigError(f"{where}.base_url must be an http:// or https:// URL")
+        if not port_ok or not str(url).isprintable():
+            raise ConfigError(f"{where}.base_url: the port must be 1-65535")
         models = entry.get("models", ["*"])
         if not isinstance(models, list) or not models or len(models) > 1000:
             raise ConfigError(f"{where}.models must be a list of 1-1000 model globs")
@@ -2750,6 +2764,8 @@ def parse_routing(text: str, env: Mapping[str, str], config: Config) -> RoutingS
             if set(target) - {"model", "upstream"} or "model" not in target:
                 raise ConfigError(f"{where} must be a name or {{model: …, upstream: …}}")
             model, upstream = target["model"], target.get("upstream", "")
+            if not isinstance(upstream, str):
+                raise ConfigError(f"{where}.upstream must be an upstream's name")
             if upstream and upstream not in names:
                 raise ConfigError(f"{where}.upstream: no upstream named {upstream!r}")
         else:
