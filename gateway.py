@@ -4707,6 +4707,9 @@ class Service:
                     "request_limit": u.daily_request_limit,
                     "tokens": c.tokens,
                     "token_limit": u.daily_token_limit,
+                    "in_flight": c.reserved,
+                    "held": c.held,
+                    "policy": policy_summary(u),
                 }
             )
         history = []
@@ -6192,6 +6195,7 @@ td.status { font-weight:600; color:var(--red); }
 td.state.resting, .key.resting { color:#b7791f; }
 td.state.disabled, .key.disabled { color:var(--red); }
 .key button { padding:1px 6px; font-size:11px; }
+.policy { color:var(--muted); font-size:12px; margin-top:4px; overflow-wrap:anywhere; }
 .empty { color:var(--muted); padding:8px 0; }
 .login { max-width:360px; margin:12vh auto; }
 .login input { width:100%; font:inherit; padding:8px 10px; margin:10px 0;
@@ -6308,7 +6312,9 @@ function drawUsers(users) {
         el("button", {textContent: toggle, onclick: () => act(u.name, toggle)}),
         el("button", {textContent: "reset today", onclick: () => act(u.name, "reset")})),
       metric("Requests", "requests", u.requests, u.request_limit),
-      metric("Tokens", "tokens", u.tokens, u.token_limit));
+      metric("Tokens", "tokens", u.tokens, u.token_limit),
+      el("div", {className: "policy", textContent: (u.in_flight ? u.in_flight + " in flight" +
+        (u.held ? ", " + fmt(u.held) + " tokens held" : "") + "  " : "") + (u.policy || "")}));
   }));
   for (const [i, card] of [...box.children].entries()) card.dataset.user = users[i].name;
 }
@@ -6518,7 +6524,26 @@ _LIST_COLUMNS = (
     "tokens_today",
     "token_limit",
     "tokens_left",
+    "policy",
 )
+
+
+def policy_summary(user: User) -> str:
+    """A user's policy in one short line, for `user list` and the dashboard (defaults left out)."""
+    p, default = user.policy, Policy()
+    parts = [f"group={user.group}"] if user.group else []
+    if p.models != default.models:
+        parts.append("models=" + ",".join(p.models))
+    parts += [f"{k}={getattr(p, k)}" for k in ("rpm", "tpm", "max_concurrency") if getattr(p, k)]
+    if p.expires:
+        parts.append(f"expires={p.expires.isoformat()}")
+    if p.allow_ips:
+        parts.append("allow_ips=" + ",".join(map(str, p.allow_ips)))
+    if p.weight != 1:
+        parts.append(f"weight={p.weight}")
+    if p.token_policy != default.token_policy:
+        parts.append(f"token_policy={p.token_policy}")
+    return " ".join(parts)
 
 
 class Admin:
@@ -6624,6 +6649,7 @@ class Admin:
                     "tokens_today": c.tokens,
                     "token_limit": u.daily_token_limit,
                     "tokens_left": tokens_left,
+                    "policy": policy_summary(u),
                 }
             )
         return rows
