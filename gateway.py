@@ -140,6 +140,7 @@ MESSAGE_BY_STATUS = {
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -1619,6 +1620,14 @@ class _Ledger:
             }
             opened = {rid: (str(u), str(o)) for rid, (u, o) in snap["open"].items()}
             holds = {str(rid): int(h) for rid, h in snap.get("holds", {}).items() if rid in opened}
+            minute_calls = {
+                str(u): collections.deque((int(t), str(rid)) for t, rid in q)
+                for u, q in snap.get("minute_calls", {}).items()
+            }
+            minute_tokens = {
+                str(u): collections.deque((int(t), int(n)) for t, n in q)
+                for u, q in snap.get("minute_tokens", {}).items()
+            }
             tainted = {str(u): str(why) for u, why in snap.get("tainted", {}).items()}
             tainted_all = str(snap.get("tainted_all", ""))
             forgiven = {
@@ -1641,6 +1650,7 @@ class _Ledger:
             log.error("usage data for %s refused: %s", self.day, self.tainted_all)
             return
         self.counters, self.open, self.holds = users, opened, holds
+        self.minute_calls, self.minute_tokens = minute_calls, minute_tokens
         self.tainted, self.tainted_all = tainted, tainted_all
         self.forgiven = forgiven
         for rid, (u, _) in opened.items():
@@ -1822,8 +1832,8 @@ class _Ledger:
             grant = int(rec.get(F_WANT, 0))
             if policy == "s":
                 left = tl - c.tokens - held
-                if int(rec.get(F_PROMPT_ESTIMATE, 0)) > left:
-                    reason = "tokens"  # the prompt alone does not fit in what is left
+                if int(rec.get(F_PROMPT_ESTIMATE, 0)) >= left:
+                    reason = "tokens"  # the prompt alone fills what is left: no room to answer
                 grant = min(grant, left) if grant else left
         if reason is None:
             c.reserved += 1
@@ -1898,6 +1908,10 @@ class _Ledger:
             },
             "open": {rid: list(entry) for rid, entry in self.open.items()},
             "holds": dict(self.holds),
+            # The rolling minute (rpm, tpm): a process that starts from this snapshot must
+            # still see the calls and tokens of the last 60 s.
+            "minute_calls": {u: list(map(list, q)) for u, q in self.minute_calls.items() if q},
+            "minute_tokens": {u: list(map(list, q)) for u, q in self.minute_tokens.items() if q},
             "tainted": self.tainted,
             "forgiven": {
                 u: {"requests": r, "tokens": t} for u, (r, t) in sorted(self.forgiven.items())
@@ -4403,10 +4417,14 @@ class Service:
         day = self.clock.today()  # settled against the day it was admitted on
         job.user, job.weight = user.name, user.policy.weight
         want = job.prompt + job.max_tokens
+        if user.policy.token_policy == STRICT and not job.max_tokens:
+            want = 0  # no cap from the client: strict grants what is left, and caps it there
         res: Reservation | None = await self.store.reserve(user, day, want, job.prompt)
         assert res is not None
         if user.policy.token_policy == STRICT and res.grant > job.prompt:
-            job.cap = res.grant - job.prompt  # what is left of the day's tokens, at most
+            # What is left of the day's tokens after the prompt, or the client's own cap if
+            # lower; a strict call always goes upstream with one.
+            job.cap = res.grant - job.prompt
         rec.call_id, rec.day = res.id, day
         self.active += 1
         self.idle.clear()
