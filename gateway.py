@@ -220,6 +220,10 @@ class StoreError(Exception):
     """The usage store could not read or write its files."""
 
 
+class StoreUnavailable(StoreError):
+    """A network store (Redis) cannot be reached now; calls resume when it is back."""
+
+
 class QuotaExceeded(Exception):
     """A reservation was refused: `reason` is "requests", "tokens", "corrupt", or from the
     user's policy "rpm", "tpm" or "concurrency" (`retry_after`: seconds, for rpm and tpm)."""
@@ -309,6 +313,13 @@ def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
         if exc.retry_after is not None and exc.status is None:  # every upstream is resting
             headers["Retry-After"] = str(math.ceil(exc.retry_after))
         return GatewayError(502, MSG_UPSTREAM, data, headers)
+    if isinstance(exc, StoreUnavailable):
+        return GatewayError(
+            500,
+            MSG_SERVER_ERROR,
+            {"error": "the usage store is unavailable; calls resume when it is back"},
+            {"Retry-After": "1"},
+        )
     if isinstance(exc, StoreError):
         return GatewayError(
             500,
@@ -2446,7 +2457,9 @@ class RedisStore(UsageStore):
             if not self.problem:
                 log.error("usage store %s: %s failed: %s", self.name, what, e)
             self.problem = f"{type(e).__name__}: {e}"[:300]
-            raise StoreError(f"usage store {self.name} unavailable ({self.problem})") from None
+            raise StoreUnavailable(
+                f"usage store {self.name} unavailable ({self.problem})"
+            ) from None
         if self.problem:
             log.warning("usage store %s is back", self.name)
             self.problem = ""
@@ -2475,7 +2488,7 @@ class RedisStore(UsageStore):
                 deadline = int(seconds) * 1000 + int(micros) // 1000 + REDIS_LEASE_MS
                 pipe = self._redis.pipeline(transaction=False)
                 for key, ids in by_key.items():
-                    self._scripts["renew"](keys=[key], args=[deadline, *ids], client=pipe)
+                    await self._scripts["renew"](keys=[key], args=[deadline, *ids], client=pipe)
                 await pipe.execute()
             except self._errors as e:
                 log.warning("usage store %s: renewing leases failed: %s", self.name, e)
@@ -2485,7 +2498,7 @@ class RedisStore(UsageStore):
         self._seq += 1
         rid = f"{self.owner}-{self._seq}"
         pipe = self._redis.pipeline(transaction=False)
-        self._scripts["reserve"](
+        await self._scripts["reserve"](
             keys=self._keys(day, user.name),
             args=[
                 rid,
@@ -2518,7 +2531,9 @@ class RedisStore(UsageStore):
     async def settle(self, res: Reservation, usage: Usage, call: CallFacts) -> Counts:
         c, o, _, k = self._keys(res.day, res.user)
         pipe = self._redis.pipeline(transaction=False)
-        self._scripts["settle"](keys=[c, o, k], args=[res.id, usage.total_tokens], client=pipe)
+        await self._scripts["settle"](
+            keys=[c, o, k], args=[res.id, usage.total_tokens], client=pipe
+        )
         pipe.hincrby(self._day(res.day, "totals"), "r", 1)
         pipe.hincrby(self._day(res.day, "totals"), "t", usage.total_tokens)
         try:
@@ -2565,7 +2580,7 @@ class RedisStore(UsageStore):
     async def reset(self, user: str, day: str) -> Counts:
         pipe = self._redis.pipeline(transaction=False)
         c, o, _, _ = self._keys(day, user)
-        self._scripts["counts"](keys=[c, o], args=["reset"], client=pipe)
+        await self._scripts["counts"](keys=[c, o], args=["reset"], client=pipe)
         pipe.sadd(self._day(day, "users"), user)
         result = (await self._call("reset", pipe.execute()))[0]
         return Counts(*(int(x) for x in result))
@@ -4769,6 +4784,7 @@ class Service:
         routing = routing or default_routing(config)
         self.router = Router(routing, config, Redactor(config.secrets() + routing_secrets(routing)))
         self._upstream_models: dict[str, tuple[float, list[str]]] = {}
+        self._totals = (0, 0)  # today's totals as last read from the store
         self.queue = CallQueue(config.queue_size, config.concurrency, config.user_queue_share)
         self.calls = CallLog(config.data_dir, clock)
         self.metrics = Metrics()
@@ -5208,9 +5224,14 @@ class Service:
 
     async def figures(self) -> Figures:
         """The live figures that the status route, the dashboard and /metrics all show."""
-        requests, tokens = await self.store.totals(self.clock.today())
+        status = "stopping" if self.stopping else "running"
+        try:
+            requests, tokens = self._totals = await self.store.totals(self.clock.today())
+        except StoreError:
+            requests, tokens = self._totals  # the last known, while the store is away
+            status = "store_unavailable"
         return Figures(
-            status="stopping" if self.stopping else "running",
+            status=status,
             queue_length=len(self.queue),
             processing=self.queue.processing,
             today_requests=requests,
