@@ -570,6 +570,7 @@ class Config:
     max_event_size: int = 1024 * 1024
     cors_origins: str = ""
     user_queue_share: float = 0.5
+    processes: int = 1
     store: str = ""
 
     def cors(self) -> frozenset[str]:
@@ -711,6 +712,13 @@ def define_options() -> tornado.options.OptionParser:
         "rediss://… (TLS), unix:///path.sock; a ?prefix=name shares one Redis between gateways",
     )
     p.define(
+        "processes",
+        d.processes,
+        int,
+        "serving processes on one port (0: one per core), sharing users, store and data dir; "
+        "one that dies is started again",
+    )
+    p.define(
         "user-queue-share",
         d.user_queue_share,
         float,
@@ -763,6 +771,8 @@ def parse_config(argv: list[str], env: dict[str, str]) -> Config:
         raise ConfigError("--queue-size must be >= 0 and --max-body-size >= 1")
     if config.max_body_memory < config.max_body_size:
         raise ConfigError("--max-body-memory must be at least --max-body-size")
+    if config.processes < 0:
+        raise ConfigError("--processes must be >= 0 (0: one per core)")
     if not 0 < config.user_queue_share <= 1:
         raise ConfigError("--user-queue-share must be above 0 and at most 1")
     if config.max_event_size < 1024:
@@ -5230,13 +5240,58 @@ class Service:
         except StoreError:
             requests, tokens = self._totals  # the last known, while the store is away
             status = "store_unavailable"
+        waiting, running = len(self.queue), self.queue.processing
+        if self.config.processes != 1:
+            waiting, running = self.machine_figures(waiting, running)
         return Figures(
             status=status,
-            queue_length=len(self.queue),
-            processing=self.queue.processing,
+            queue_length=waiting,
+            processing=running,
             today_requests=requests,
             today_tokens=tokens,
         )
+
+    LIVE_SECONDS = 0.5  # how often each process of --processes publishes its live figures
+
+    def publish_figures(self) -> None:
+        """--processes: this process's queue and calls running, for its siblings to add up
+        (data/live/<pid>.json, replaced every LIVE_SECONDS; a dead process's file goes stale)."""
+        live = Path(self.config.data_dir) / "live"
+        doc = {"w": len(self.queue), "p": self.queue.processing, "t": time.time()}
+        try:
+            make_private_dir(live)
+            tmp = live / f".{os.getpid()}.tmp"
+            fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                os.write(fd, json.dumps(doc).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, live / f"{os.getpid()}.json")
+        except OSError as e:
+            log.warning("cannot publish live figures in %s: %s", live, e.strerror)
+
+    def machine_figures(self, waiting: int, running: int) -> tuple[int, int]:
+        """Calls waiting and running in every process of this machine (the others' figures
+        are at most 2 x LIVE_SECONDS old; a file older than 3 s is a dead process's)."""
+        live = Path(self.config.data_dir) / "live"
+        now = time.time()
+        try:
+            names = os.listdir(live)
+        except OSError:
+            return waiting, running
+        for name in names:
+            if not name.endswith(".json") or name == f"{os.getpid()}.json":
+                continue
+            try:
+                doc = json.loads(read_private(live / name))
+                if now - float(doc["t"]) < 3:
+                    waiting += int(doc["w"])
+                    running += int(doc["p"])
+                else:
+                    (live / name).unlink(missing_ok=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return waiting, running
 
     async def status(self) -> dict[str, Any]:
         """GET /api/status.php, in the contract's shape."""
@@ -7512,6 +7567,13 @@ class Gateway:
             asyncio.ensure_future(self._every(config.reload_interval, self._reload_users)),
             asyncio.ensure_future(self._every(2.0, self._maintain)),
         ]
+        if config.processes != 1:
+            service = self.service
+
+            async def publish() -> None:
+                service.publish_figures()
+
+            self._chores.append(asyncio.ensure_future(self._every(Service.LIVE_SECONDS, publish)))
         await self._maintain()
 
     @staticmethod
@@ -7567,14 +7629,14 @@ class Gateway:
         await self.service.idle.wait()
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, sockets: list[Any] | None = None) -> None:
     # Signals first: a SIGTERM that arrives while starting still stops the gateway cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config)
-    await gateway.start()
+    await gateway.start(sockets)
     # Objects from start-up (modules, users) live as long as the process: frozen, full
     # collections skip them. With a larger young generation, collections run less often; a
     # full one with 2,000 open streams took 100-200 ms before.
@@ -7605,12 +7667,76 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, tornado.options.Error) as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
+    if config.processes != 1:
+        return supervise(config)
     try:
         asyncio.run(serve(config))
     except (ConfigError, StoreError) as e:
         log.error("cannot start: %s", e)
         return 2
     return 0
+
+
+def supervise(config: Config) -> int:
+    """--processes=N: bind the port once, fork N serving processes on it (each a whole
+    gateway on the same users, store and data dir), start a new one when one dies, and on
+    SIGTERM or SIGINT pass the signal on and wait until every one has drained."""
+    count = config.processes or os.cpu_count() or 1
+    sockets = tornado.netutil.bind_sockets(config.port, config.host, backlog=1024)
+    children: dict[int, int] = {}  # pid -> slot
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child: serve until told to stop
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                asyncio.run(serve(config, sockets))
+            except (ConfigError, StoreError) as e:
+                log.error("cannot start: %s", e)
+                code = 2
+            except BaseException:
+                log.exception("serving process %d failed", os.getpid())
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = slot
+
+    def forward(sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for slot in range(count):
+        spawn(slot)
+    log.info("supervising %d serving processes on port %d", count, config.port)
+    code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        slot = children.pop(pid)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            continue
+        if exit_code == 2:  # a configuration or store problem: another try would fail too
+            code = 2
+            forward(signal.SIGTERM, None)
+            continue
+        log.error("serving process %d exited (%s); starting another", pid, exit_code)
+        time.sleep(0.2)
+        spawn(slot)
+    return code
 
 
 if __name__ == "__main__":
