@@ -2398,8 +2398,8 @@ end
 return 1
 """
 
-REDIS_LEASE_MS = 10_000  # a reservation lives this long unless its process renews it
-REDIS_RENEW_SECONDS = 2.0
+REDIS_LEASE_MS = 4_000  # a reservation lives this long unless its process renews it
+REDIS_RENEW_SECONDS = 1.0
 REDIS_TIMEOUT = 2.0  # seconds for any one Redis command, connecting included
 
 
@@ -2408,8 +2408,8 @@ class RedisStore(UsageStore):
 
     Reserve, settle, release and reset are one Lua script call each, so every decision is
     atomic, and the rules are those of the journal (the same contract tests run on both).
-    A reservation is a lease: its process renews it every 2 s, and one whose process died
-    is freed 10 s after its last renewal. A Redis that cannot be reached fails the call at
+    A reservation is a lease: its process renews it every second, and one whose process died
+    is freed 4 s after its last renewal. A Redis that cannot be reached fails the call at
     once with StoreError (no call is relayed or charged); the next call tries again.
     """
 
