@@ -2346,7 +2346,7 @@ if policy == 'r' then
   grant = want
 elseif policy == 's' then
   local left = tl - tok - held
-  if pe > left then return refuse('tokens') end
+  if pe >= left then return refuse('tokens') end
   if want > 0 then grant = math.min(want, left) else grant = left end
 end
 redis.call('HSET', o, rid, owner .. '|' .. grant .. '|' .. (now + lease))
