@@ -1966,10 +1966,10 @@ class _Ledger:
         try:
             lock = file_lock(self.store.root / ".snapshot.lock", thread_local=False)
             lock.acquire(timeout=0)
+        except filelock.Timeout:  # (an OSError too: caught first)
+            return -1  # another process is writing one; ours will be newer next time
         except OSError as e:
             raise StoreError(f"cannot lock {self.store.root}: {e.strerror}") from None
-        except filelock.Timeout:
-            return -1  # another process is writing one; ours will be newer next time
         try:
             try:
                 theirs = json.loads(read_private(self.snapshot))["journal_offset"]
@@ -2450,6 +2450,8 @@ class RedisStore(UsageStore):
         }
         self._ours: dict[str, Reservation] = {}  # reservations this process holds: renewed
         self._seen: dict[tuple[str, str], Counts] = {}
+        self._listed: set[tuple[str, str]] = set()  # (day, user) already in the day's user set
+        self._totals: dict[str, tuple[float, tuple[int, int]]] = {}
         self._renewing: asyncio.Task[None] | None = None
         self.problem = ""  # the last failure, until a call succeeds
 
@@ -2507,8 +2509,9 @@ class RedisStore(UsageStore):
         policy = user.policy
         self._seq += 1
         rid = f"{self.owner}-{self._seq}"
-        pipe = self._redis.pipeline(transaction=False)
-        await self._scripts["reserve"](
+        first = (day, user.name) not in self._listed
+        pipe = self._redis.pipeline(transaction=False) if first else None
+        reserve = self._scripts["reserve"](
             keys=self._keys(day, user.name),
             args=[
                 rid,
@@ -2525,9 +2528,16 @@ class RedisStore(UsageStore):
             ],
             client=pipe,
         )
-        pipe.sadd(self._day(day, "users"), user.name)
-        pipe.zadd(f"{self.prefix}:days", {day: 0})
-        result = (await self._call("reserve", pipe.execute()))[0]
+        if pipe is None:
+            result = await self._call("reserve", reserve)
+        else:  # the first call of this user's day here: list the user and the day too
+            await reserve
+            pipe.sadd(self._day(day, "users"), user.name)
+            pipe.zadd(f"{self.prefix}:days", {day: 0})
+            result = (await self._call("reserve", pipe.execute()))[0]
+            self._listed.add((day, user.name))
+            if len(self._listed) > 100_000:
+                self._listed.clear()
         reason, req, tok, reserved, held, grant, wait = result
         reason = reason.decode() if isinstance(reason, bytes) else str(reason)
         counts = Counts(int(req), int(tok), int(reserved), int(held))
@@ -2540,14 +2550,9 @@ class RedisStore(UsageStore):
 
     async def settle(self, res: Reservation, usage: Usage, call: CallFacts) -> Counts:
         c, o, _, k = self._keys(res.day, res.user)
-        pipe = self._redis.pipeline(transaction=False)
-        await self._scripts["settle"](
-            keys=[c, o, k], args=[res.id, usage.total_tokens], client=pipe
-        )
-        pipe.hincrby(self._day(res.day, "totals"), "r", 1)
-        pipe.hincrby(self._day(res.day, "totals"), "t", usage.total_tokens)
+        settle = self._scripts["settle"](keys=[c, o, k], args=[res.id, usage.total_tokens])
         try:
-            result = (await self._call("settle", pipe.execute()))[0]
+            result = await self._call("settle", settle)
         finally:
             self._ours.pop(res.id, None)
         counts = Counts(*(int(x) for x in result))
@@ -2584,8 +2589,16 @@ class RedisStore(UsageStore):
         return out
 
     async def totals(self, day: str) -> tuple[int, int]:
-        r, t = await self._call("totals", self._redis.hmget(self._day(day, "totals"), "r", "t"))
-        return int(r or 0), int(t or 0)
+        # The sum of the users' usage: a settle touches only its user's slot (one script
+        # call), and a day's users are few next to its calls. Kept for half a second.
+        now = time.monotonic()
+        cached = self._totals.get(day)
+        if cached is not None and now - cached[0] < 0.5:
+            return cached[1]
+        usage = await self.usage(day)
+        total = (sum(r for r, _ in usage.values()), sum(t for _, t in usage.values()))
+        self._totals = {day: (now, total)}
+        return total
 
     async def reset(self, user: str, day: str) -> Counts:
         pipe = self._redis.pipeline(transaction=False)
@@ -2620,9 +2633,7 @@ class RedisStore(UsageStore):
             for u in users:
                 name = u.decode() if isinstance(u, bytes) else str(u)
                 await self._call("prune", self._redis.delete(*self._keys(day, name)))
-            await self._call(
-                "prune", self._redis.delete(self._day(day, "users"), self._day(day, "totals"))
-            )
+            await self._call("prune", self._redis.delete(self._day(day, "users")))
             await self._call("prune", self._redis.zrem(f"{self.prefix}:days", day))
             removed.append(f"{self.name} {self.prefix} {day}")
         return removed
