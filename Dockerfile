@@ -3,7 +3,8 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY requirements.txt .
 # tzdata: slim images have no zone database, which --timezone needs.
-RUN pip install --no-cache-dir -r requirements.txt tzdata \
+# redis: the Redis store (--store=redis://…); loaded only when that store is chosen.
+RUN pip install --no-cache-dir -r requirements.txt tzdata 'redis>=5,<7' \
  && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin gateway \
  && mkdir -p /app/data \
  && chown gateway:gateway /app/data

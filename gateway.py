@@ -221,6 +221,10 @@ class StoreError(Exception):
     """The usage store could not read or write its files."""
 
 
+class StoreUnavailable(StoreError):
+    """A network store (Redis) cannot be reached now; calls resume when it is back."""
+
+
 class QuotaExceeded(Exception):
     """A reservation was refused: `reason` is "requests", "tokens", "corrupt", or from the
     user's policy "rpm", "tpm" or "concurrency" (`retry_after`: seconds, for rpm and tpm)."""
@@ -310,6 +314,13 @@ def answer_for(exc: BaseException, clock: DayClock) -> GatewayError | None:
         if exc.retry_after is not None and exc.status is None:  # every upstream is resting
             headers["Retry-After"] = str(math.ceil(exc.retry_after))
         return GatewayError(502, MSG_UPSTREAM, data, headers)
+    if isinstance(exc, StoreUnavailable):
+        return GatewayError(
+            500,
+            MSG_SERVER_ERROR,
+            {"error": "the usage store is unavailable; calls resume when it is back"},
+            {"Retry-After": "1"},
+        )
     if isinstance(exc, StoreError):
         return GatewayError(
             500,
@@ -560,6 +571,8 @@ class Config:
     max_event_size: int = 1024 * 1024
     cors_origins: str = ""
     user_queue_share: float = 0.5
+    processes: int = 1
+    store: str = ""
 
     def cors(self) -> frozenset[str]:
         """The origins whose pages may call the API (`*`: any); empty: none."""
@@ -693,6 +706,20 @@ def define_options() -> tornado.options.OptionParser:
         "routes, or *; empty: none (the admin pages never)",
     )
     p.define(
+        "store",
+        d.store,
+        str,
+        "where usage counters live: empty or file: (the data dir), or redis://host:port/db, "
+        "rediss://… (TLS), unix:///path.sock; a ?prefix=name shares one Redis between gateways",
+    )
+    p.define(
+        "processes",
+        d.processes,
+        int,
+        "serving processes on one port (0: one per core), sharing users, store and data dir; "
+        "one that dies is started again",
+    )
+    p.define(
         "user-queue-share",
         d.user_queue_share,
         float,
@@ -745,6 +772,8 @@ def parse_config(argv: list[str], env: dict[str, str]) -> Config:
         raise ConfigError("--queue-size must be >= 0 and --max-body-size >= 1")
     if config.max_body_memory < config.max_body_size:
         raise ConfigError("--max-body-memory must be at least --max-body-size")
+    if config.processes < 0:
+        raise ConfigError("--processes must be >= 0 (0: one per core)")
     if not 0 < config.user_queue_share <= 1:
         raise ConfigError("--user-queue-share must be above 0 and at most 1")
     if config.max_event_size < 1024:
@@ -1456,7 +1485,16 @@ class Reservation:
 
 
 class UsageStore(abc.ABC):
-    """Per-user daily counters with reservations; every backend keeps limits exact."""
+    """Per-user daily counters with reservations; every backend keeps limits exact.
+
+    The only way in to usage data: the gateway, the dashboard, /metrics and the admin
+    commands all go through these methods, and every backend (file:, redis://) passes the
+    same contract tests (tests/test_store_contract.py). Reads are async: a backend may be a
+    network away. `peek` is the one synchronous read, for headers on an error path: what
+    this process last saw, or None.
+    """
+
+    name: str = ""  # how logs and /api/status.php name the store (never a password)
 
     @abc.abstractmethod
     async def start(self) -> None: ...
@@ -1479,22 +1517,37 @@ class UsageStore(abc.ABC):
         """Give a slot back: the call failed and costs nothing."""
 
     @abc.abstractmethod
-    def counts(self, user: str, day: str) -> Counts: ...
+    async def counts(self, user: str, day: str) -> Counts:
+        """A user's counts against the limits on a day."""
 
     @abc.abstractmethod
-    def totals(self, day: str) -> tuple[int, int]: ...
+    async def all_counts(self, day: str) -> dict[str, Counts]:
+        """Every user's counts on a day (users with none are left out)."""
 
     @abc.abstractmethod
-    async def reset(self, user: str, day: str) -> None:
-        """Zero a user's counts for the day (calls in flight are still charged)."""
+    async def totals(self, day: str) -> tuple[int, int]:
+        """Requests and tokens charged on a day, all users, resets included."""
 
     @abc.abstractmethod
-    def usage(self, day: str) -> dict[str, tuple[int, int]]:
+    async def reset(self, user: str, day: str) -> Counts:
+        """Zero a user's counts for the day (calls in flight are still charged); return the
+        counts before."""
+
+    @abc.abstractmethod
+    async def usage(self, day: str) -> dict[str, tuple[int, int]]:
         """Each user's (requests, tokens) charged on a day, including before resets."""
+
+    @abc.abstractmethod
+    async def prune(self, keep_days: int, today: str) -> list[str]:
+        """Forget days more than `keep_days` before today; return what was removed."""
 
     @abc.abstractmethod
     async def maintain(self, today: str) -> None:
         """Periodic housekeeping: free slots of dead processes, write snapshots."""
+
+    def peek(self, user: str, day: str) -> Counts | None:
+        """What this process last saw of a user's counts, without waiting; None if nothing."""
+        return None
 
 
 # The journal's record format: one flat JSON object per line, short keys to keep lines small.
@@ -1927,10 +1980,10 @@ class _Ledger:
         try:
             lock = file_lock(self.store.root / ".snapshot.lock", thread_local=False)
             lock.acquire(timeout=0)
+        except filelock.Timeout:  # (an OSError too: caught first)
+            return -1  # another process is writing one; ours will be newer next time
         except OSError as e:
             raise StoreError(f"cannot lock {self.store.root}: {e.strerror}") from None
-        except filelock.Timeout:
-            return -1  # another process is writing one; ours will be newer next time
         try:
             try:
                 theirs = json.loads(read_private(self.snapshot))["journal_offset"]
@@ -1979,6 +2032,8 @@ class JournalStore(UsageStore):
 
     def __init__(self, root: str, clock: DayClock, fsync: bool = False) -> None:
         self.root = Path(root)
+        self.name = f"file:{root}"
+        self._past: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
         self.clock = clock
         self.fsync = fsync
         self.owner = secrets.token_hex(6)
@@ -2113,30 +2168,87 @@ class JournalStore(UsageStore):
         ledger = self._ledger(res.day)
         ledger.append({F_USER: res.user, F_KIND: KIND_RELEASE, F_ID: res.id})
 
-    async def reset(self, user: str, day: str) -> None:
+    async def reset(self, user: str, day: str) -> Counts:
+        try:
+            make_private_dir(self.root)
+        except OSError as e:
+            raise StoreError(f"cannot create {self.root}: {e.strerror}") from None
         ledger = self._ledger(day)
+        ledger.catch_up()
+        before = (ledger.counters.get(user) or Counts()).copy()
         end = ledger.append(
             {F_USER: user, F_KIND: KIND_RESET, F_TIME: int(self.clock.now() * 1000)}
         )
         await ledger.sync()
         ledger.catch_up(until=end)
+        return before
 
-    def usage(self, day: str) -> dict[str, tuple[int, int]]:
-        if day not in self._ledgers and not (self.root / f"{day}.jsonl").exists():
+    def _recorded(self, day: str) -> bool:
+        """Whether a day has a journal (reads never create one)."""
+        return day in self._ledgers or (self.root / f"{day}.jsonl").exists()
+
+    async def usage(self, day: str) -> dict[str, tuple[int, int]]:
+        if not self._recorded(day):
             return {}  # a day with nothing recorded (or removed by --retention-days)
+        if day != self.clock.today():
+            # A past day is read once and kept until its journal changes.
+            try:
+                st = os.stat(self.root / f"{day}.jsonl")
+            except FileNotFoundError:
+                return {}
+            stamp = (st.st_size, st.st_mtime_ns)
+            cached = self._past.get(day)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
         ledger = self._ledger(day)
         ledger.catch_up()
-        return ledger.usage()
+        usage = ledger.usage()
+        if day != self.clock.today():
+            self._past[day] = (stamp, usage)
+            for old in sorted(self._past)[:-HISTORY_DAYS]:
+                del self._past[old]
+        return usage
 
-    def counts(self, user: str, day: str) -> Counts:
+    async def counts(self, user: str, day: str) -> Counts:
         ledger = self._ledger(day)
         ledger.catch_up()
         return (ledger.counters.get(user) or Counts()).copy()
 
-    def totals(self, day: str) -> tuple[int, int]:
+    def peek(self, user: str, day: str) -> Counts | None:
+        ledger = self._ledgers.get(day)
+        c = ledger.counters.get(user) if ledger is not None else None
+        return c.copy() if c is not None else None
+
+    async def all_counts(self, day: str) -> dict[str, Counts]:
+        if not self._recorded(day):
+            return {}
+        ledger = self._ledger(day)
+        ledger.catch_up()
+        return {u: c.copy() for u, c in ledger.counters.items()}
+
+    async def totals(self, day: str) -> tuple[int, int]:
         ledger = self._ledger(day)
         ledger.catch_up()
         return ledger.requests, ledger.tokens
+
+    async def prune(self, keep_days: int, today: str) -> list[str]:
+        cutoff = (date.fromisoformat(today) - timedelta(days=keep_days)).isoformat()
+        removed: list[str] = []
+        for day in [d for d in self._ledgers if d < cutoff]:
+            self._ledgers.pop(day).close()
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError:
+            return removed
+        for name in names:
+            m = _DAY_FILE.match(name)
+            if m and m.group(1) < cutoff:
+                try:
+                    (self.root / name).unlink()
+                    removed.append(str(self.root / name))
+                except OSError as e:
+                    log.error("retention: cannot delete %s: %s", self.root / name, e.strerror)
+        return removed
 
     def _owner_alive(self, owner: str) -> bool:
         if owner == self.owner:
@@ -2171,6 +2283,392 @@ class JournalStore(UsageStore):
             if day != today and not ours:
                 ledger.close()
                 del self._ledgers[day]
+
+
+# The Redis store's scripts. Every key of one user's day shares the hash tag
+# {<prefix>:<day>:<user>}, so each script touches one slot and also runs on Redis Cluster.
+# Times come from Redis (TIME), so several machines agree on the rolling minute whatever
+# their clocks say.
+#   c  hash   r t (counts against the limits), ur ut (usage, resets included)
+#   o  hash   reservation id -> "owner|hold|deadline ms" (calls in flight; a lease)
+#   m  zset   reservation ids admitted in the last minute, by time (rpm)
+#   k  zset   "id:tokens" charged in the last minute, by time (tpm)
+_REDIS_OPEN = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function in_flight(o, now)
+  local open = redis.call('HGETALL', o)
+  local reserved, held = 0, 0
+  for i = 1, #open, 2 do
+    local hold, deadline = string.match(open[i + 1], '^[^|]*|(%d+)|(%d+)$')
+    if hold == nil or tonumber(deadline) < now then
+      redis.call('HDEL', o, open[i])  -- its process is gone: the slot is free again
+    else
+      reserved = reserved + 1
+      held = held + tonumber(hold)
+    end
+  end
+  return reserved, held
+end
+local function counts(c)
+  local v = redis.call('HMGET', c, 'r', 't')
+  return tonumber(v[1] or '0'), tonumber(v[2] or '0')
+end
+"""
+_REDIS_RESERVE = (
+    _REDIS_OPEN
+    + """
+local c, o, m, k = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local rid, owner = ARGV[1], ARGV[2]
+local rl, tl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local rpm, tpm, mc = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local policy, want, pe, lease = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local now = now_ms()
+local reserved, held = in_flight(o, now)
+local req, tok = counts(c)
+local held_now = held
+if policy == '' then held_now = 0 end
+redis.call('ZREMRANGEBYSCORE', m, '-inf', now - 60000)
+redis.call('ZREMRANGEBYSCORE', k, '-inf', now - 60000)
+local function refuse(reason)
+  local wait = 1
+  local first = redis.call('ZRANGE', m, 0, 0, 'WITHSCORES')
+  local firstk = redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+  local oldest = nil
+  if #first > 0 then oldest = tonumber(first[2]) end
+  if #firstk > 0 and (oldest == nil or tonumber(firstk[2]) < oldest) then
+    oldest = tonumber(firstk[2])
+  end
+  if oldest ~= nil then wait = math.max(1, math.ceil((oldest + 60000 - now) / 1000)) end
+  return {reason, req, tok, reserved, held, 0, wait}
+end
+if req + reserved >= rl then return refuse('requests') end
+if tok + held_now >= tl then return refuse('tokens') end
+if mc > 0 and reserved >= mc then return refuse('concurrency') end
+if rpm > 0 and redis.call('ZCARD', m) >= rpm then return refuse('rpm') end
+if tpm > 0 then
+  local used = 0
+  for _, member in ipairs(redis.call('ZRANGE', k, 0, -1)) do
+    used = used + tonumber(string.match(member, ':(%d+)$'))
+  end
+  if used + held_now >= tpm then return refuse('tpm') end
+end
+local grant = 0
+if policy == 'r' then
+  grant = want
+elseif policy == 's' then
+  local left = tl - tok - held
+  if pe >= left then return refuse('tokens') end
+  if want > 0 then grant = math.min(want, left) else grant = left end
+end
+redis.call('HSET', o, rid, owner .. '|' .. grant .. '|' .. (now + lease))
+redis.call('ZADD', m, now, rid)
+return {'', req, tok, reserved + 1, held + grant, grant, 0}
+"""
+)
+_REDIS_SETTLE = (
+    _REDIS_OPEN
+    + """
+local c, o, k = KEYS[1], KEYS[2], KEYS[3]
+local rid, n = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+redis.call('HDEL', o, rid)
+redis.call('HINCRBY', c, 'r', 1)
+redis.call('HINCRBY', c, 't', n)
+redis.call('HINCRBY', c, 'ur', 1)
+redis.call('HINCRBY', c, 'ut', n)
+if n > 0 then redis.call('ZADD', k, now, rid .. ':' .. n) end
+local reserved, held = in_flight(o, now)
+local req, tok = counts(c)
+return {req, tok, reserved, held}
+"""
+)
+_REDIS_RELEASE = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+_REDIS_COUNTS = (
+    _REDIS_OPEN
+    + """
+local now = now_ms()
+local reserved, held = in_flight(KEYS[2], now)
+local req, tok = counts(KEYS[1])
+if ARGV[1] == 'reset' then redis.call('HSET', KEYS[1], 'r', 0, 't', 0) end
+return {req, tok, reserved, held}
+"""
+)
+_REDIS_RENEW = """
+for i = 2, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  local owner, hold = nil, nil
+  if v then owner, hold = string.match(v, '^([^|]*)|(%d+)|') end
+  if owner then
+    redis.call('HSET', KEYS[1], ARGV[i], owner .. '|' .. hold .. '|' .. ARGV[1])
+  end
+end
+return 1
+"""
+
+REDIS_LEASE_MS = 4_000  # a reservation lives this long unless its process renews it
+REDIS_RENEW_SECONDS = 1.0
+REDIS_TIMEOUT = 2.0  # seconds for any one Redis command, connecting included
+
+
+class RedisStore(UsageStore):
+    """Counters in Redis (or Valkey), shared by gateways on any number of machines.
+
+    Reserve, settle, release and reset are one Lua script call each, so every decision is
+    atomic, and the rules are those of the journal (the same contract tests run on both).
+    A reservation is a lease: its process renews it every second, and one whose process died
+    is freed 4 s after its last renewal. A Redis that cannot be reached fails the call at
+    once with StoreError (no call is relayed or charged); the next call tries again.
+    """
+
+    def __init__(self, url: str, clock: DayClock) -> None:
+        try:
+            import redis.asyncio  # noqa: PLC0415 - only deployments with a Redis store need it
+        except ImportError:
+            raise ConfigError(
+                "--store=redis… needs the redis package: pip install 'redis>=5,<7'"
+            ) from None
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        self.prefix = (query.pop("prefix", ["gw"])[0] or "gw")[:64]
+        rest = urllib.parse.urlencode({k: v[0] for k, v in query.items()})
+        plain = urllib.parse.urlunsplit(parts._replace(query=rest))
+        host = parts.hostname or parts.path or "localhost"
+        where = f"{host}:{parts.port}" if parts.port else host
+        self.name = f"{parts.scheme}://{where}{'' if parts.scheme == 'unix' else parts.path}"
+        self.clock = clock
+        self.owner = secrets.token_hex(6)
+        self._seq = 0
+        self._redis = redis.asyncio.Redis.from_url(
+            plain,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+            health_check_interval=30,
+        )
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._scripts = {
+            name: self._redis.register_script(code)
+            for name, code in (
+                ("reserve", _REDIS_RESERVE),
+                ("settle", _REDIS_SETTLE),
+                ("release", _REDIS_RELEASE),
+                ("counts", _REDIS_COUNTS),
+                ("renew", _REDIS_RENEW),
+            )
+        }
+        self._ours: dict[str, Reservation] = {}  # reservations this process holds: renewed
+        self._seen: dict[tuple[str, str], Counts] = {}
+        self._listed: set[tuple[str, str]] = set()  # (day, user) already in the day's user set
+        self._totals: dict[str, tuple[float, tuple[int, int]]] = {}
+        self._renewing: asyncio.Task[None] | None = None
+        self.problem = ""  # the last failure, until a call succeeds
+
+    def _keys(self, day: str, user: str) -> list[str]:
+        tag = "{" + f"{self.prefix}:{day}:{user}" + "}"
+        return [f"{tag}:c", f"{tag}:o", f"{tag}:m", f"{tag}:k"]
+
+    def _day(self, day: str, what: str) -> str:
+        return "{" + f"{self.prefix}:{day}" + "}:" + what
+
+    async def _call(self, what: str, work: Awaitable[Any]) -> Any:
+        try:
+            result = await work
+        except self._errors as e:
+            if not self.problem:
+                log.error("usage store %s: %s failed: %s", self.name, what, e)
+            self.problem = f"{type(e).__name__}: {e}"[:300]
+            raise StoreUnavailable(
+                f"usage store {self.name} unavailable ({self.problem})"
+            ) from None
+        if self.problem:
+            log.warning("usage store %s is back", self.name)
+            self.problem = ""
+        return result
+
+    async def start(self) -> None:
+        await self._call("connect", self._redis.ping())
+        self._renewing = asyncio.ensure_future(self._renew_forever())
+
+    async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+        await self._redis.aclose()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REDIS_RENEW_SECONDS)
+            ours = list(self._ours.values())
+            if not ours:
+                continue
+            by_key: dict[str, list[str]] = {}  # one call per user's day: one slot each
+            for r in ours:
+                by_key.setdefault(self._keys(r.day, r.user)[1], []).append(r.id)
+            try:
+                seconds, micros = await self._redis.time()
+                deadline = int(seconds) * 1000 + int(micros) // 1000 + REDIS_LEASE_MS
+                pipe = self._redis.pipeline(transaction=False)
+                for key, ids in by_key.items():
+                    await self._scripts["renew"](keys=[key], args=[deadline, *ids], client=pipe)
+                await pipe.execute()
+            except self._errors as e:
+                log.warning("usage store %s: renewing leases failed: %s", self.name, e)
+
+    async def reserve(self, user: User, day: str, want: int = 0, prompt: int = 0) -> Reservation:
+        policy = user.policy
+        self._seq += 1
+        rid = f"{self.owner}-{self._seq}"
+        first = (day, user.name) not in self._listed
+        pipe = self._redis.pipeline(transaction=False) if first else None
+        reserve = self._scripts["reserve"](
+            keys=self._keys(day, user.name),
+            args=[
+                rid,
+                self.owner,
+                user.daily_request_limit,
+                user.daily_token_limit,
+                policy.rpm,
+                policy.tpm,
+                policy.max_concurrency,
+                "" if policy.token_policy == ADMIT else policy.token_policy[0],
+                want,
+                prompt,
+                REDIS_LEASE_MS,
+            ],
+            client=pipe,
+        )
+        if pipe is None:
+            result = await self._call("reserve", reserve)
+        else:  # the first call of this user's day here: list the user and the day too
+            await reserve
+            pipe.sadd(self._day(day, "users"), user.name)
+            pipe.zadd(f"{self.prefix}:days", {day: 0})
+            result = (await self._call("reserve", pipe.execute()))[0]
+            self._listed.add((day, user.name))
+            if len(self._listed) > 100_000:
+                self._listed.clear()
+        reason, req, tok, reserved, held, grant, wait = result
+        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        counts = Counts(int(req), int(tok), int(reserved), int(held))
+        self._seen[(user.name, day)] = counts
+        if reason:
+            raise QuotaExceeded(reason, user, counts, int(wait))
+        res = Reservation(rid, user.name, day, int(grant))
+        self._ours[rid] = res
+        return res
+
+    async def settle(self, res: Reservation, usage: Usage, call: CallFacts) -> Counts:
+        c, o, _, k = self._keys(res.day, res.user)
+        settle = self._scripts["settle"](keys=[c, o, k], args=[res.id, usage.total_tokens])
+        try:
+            result = await self._call("settle", settle)
+        finally:
+            self._ours.pop(res.id, None)
+        counts = Counts(*(int(x) for x in result))
+        self._seen[(res.user, res.day)] = counts
+        return counts
+
+    async def release(self, res: Reservation) -> None:
+        _, o, m, _ = self._keys(res.day, res.user)
+        try:
+            await self._call("release", self._scripts["release"](keys=[o, m], args=[res.id]))
+        finally:
+            self._ours.pop(res.id, None)
+
+    async def _counts(self, user: str, day: str, reset: bool = False) -> Counts:
+        c, o, _, _ = self._keys(day, user)
+        script = self._scripts["counts"](keys=[c, o], args=["reset" if reset else ""])
+        result = await self._call("counts", script)
+        return Counts(*(int(x) for x in result))
+
+    async def counts(self, user: str, day: str) -> Counts:
+        counts = await self._counts(user, day)
+        self._seen[(user, day)] = counts
+        return counts
+
+    def peek(self, user: str, day: str) -> Counts | None:
+        return self._seen.get((user, day))
+
+    async def all_counts(self, day: str) -> dict[str, Counts]:
+        users = await self._call("users", self._redis.smembers(self._day(day, "users")))
+        out = {}
+        for raw in sorted(users):
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            out[name] = await self._counts(name, day)
+        return out
+
+    async def totals(self, day: str) -> tuple[int, int]:
+        # The sum of the users' usage: a settle touches only its user's slot (one script
+        # call), and a day's users are few next to its calls. Kept for half a second.
+        now = time.monotonic()
+        cached = self._totals.get(day)
+        if cached is not None and now - cached[0] < 0.5:
+            return cached[1]
+        usage = await self.usage(day)
+        total = (sum(r for r, _ in usage.values()), sum(t for _, t in usage.values()))
+        self._totals = {day: (now, total)}
+        return total
+
+    async def reset(self, user: str, day: str) -> Counts:
+        pipe = self._redis.pipeline(transaction=False)
+        c, o, _, _ = self._keys(day, user)
+        await self._scripts["counts"](keys=[c, o], args=["reset"], client=pipe)
+        pipe.sadd(self._day(day, "users"), user)
+        result = (await self._call("reset", pipe.execute()))[0]
+        return Counts(*(int(x) for x in result))
+
+    async def usage(self, day: str) -> dict[str, tuple[int, int]]:
+        users = await self._call("users", self._redis.smembers(self._day(day, "users")))
+        names = sorted(u.decode() if isinstance(u, bytes) else str(u) for u in users)
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(self._keys(day, name)[0], "ur", "ut")
+        rows = await self._call("usage", pipe.execute())
+        return {
+            name: (int(r or 0), int(t or 0))
+            for name, (r, t) in zip(names, rows, strict=True)
+            if r or t
+        }
+
+    async def prune(self, keep_days: int, today: str) -> list[str]:
+        cutoff = (date.fromisoformat(today) - timedelta(days=keep_days)).isoformat()
+        days = await self._call("days", self._redis.zrange(f"{self.prefix}:days", 0, -1))
+        removed: list[str] = []
+        for raw in days:
+            day = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if day >= cutoff:
+                continue
+            users = await self._call("users", self._redis.smembers(self._day(day, "users")))
+            for u in users:
+                name = u.decode() if isinstance(u, bytes) else str(u)
+                await self._call("prune", self._redis.delete(*self._keys(day, name)))
+            await self._call("prune", self._redis.delete(self._day(day, "users")))
+            await self._call("prune", self._redis.zrem(f"{self.prefix}:days", day))
+            removed.append(f"{self.name} {self.prefix} {day}")
+        return removed
+
+    async def maintain(self, today: str) -> None:
+        if self.problem:  # a quiet moment: see whether Redis is back
+            await self._call("ping", self._redis.ping())
+
+
+def open_store(url: str, data_dir: str, clock: DayClock, fsync: bool = False) -> UsageStore:
+    """The usage store that --store names: empty or `file:` (the data dir, or `file:PATH`),
+    `redis://`, `rediss://` or `unix://` (RedisStore); anything else is a ConfigError."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if not url or scheme == "file":
+        path = url[5:] if scheme == "file" and url[5:] else data_dir
+        return JournalStore(path, clock, fsync=fsync)
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisStore(url, clock)
+    raise ConfigError(
+        f"--store: unknown scheme {scheme or url[:20]!r} (use file:, redis://, rediss:// or unix://)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3375,11 +3873,12 @@ class CallLog:
         self._fds.clear()
 
 
-def prune_days(root: str, keep_days: int, today: str) -> list[str]:
-    """Delete counters and call logs of days more than `keep_days` before today."""
+def prune_call_logs(root: str, keep_days: int, today: str) -> list[str]:
+    """Delete the call logs (data/calls/) of days more than `keep_days` before today; the
+    store prunes its own days (UsageStore.prune)."""
     cutoff = (date.fromisoformat(today) - timedelta(days=keep_days)).isoformat()
     removed = []
-    for folder in (Path(root), Path(root) / "calls"):
+    for folder in (Path(root) / "calls",):
         try:
             names = sorted(os.listdir(folder))
         except OSError:
@@ -4320,6 +4819,7 @@ class Service:
         routing = routing or default_routing(config)
         self.router = Router(routing, config, Redactor(config.secrets() + routing_secrets(routing)))
         self._upstream_models: dict[str, tuple[float, list[str]]] = {}
+        self._totals = (0, 0)  # today's totals as last read from the store
         self.queue = CallQueue(config.queue_size, config.concurrency, config.user_queue_share)
         self.calls = CallLog(config.data_dir, clock)
         self.metrics = Metrics()
@@ -4327,7 +4827,6 @@ class Service:
         self.cors_origins = config.cors()
         self.admin_guesses = GuessThrottle()
         self.admin_sessions = AdminSessions(config.data_dir, clock.now, ADMIN_SESSION_DAYS * 86400)
-        self._history: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
         self.stopping = False
         self.active = 0  # calls between admission and their answer
         self.idle = asyncio.Event()
@@ -4710,13 +5209,14 @@ class Service:
         self._upstream_models[channel.name] = (now, ids)
         return ids
 
-    def admin_state(self) -> dict[str, Any]:
+    async def admin_state(self) -> dict[str, Any]:
         """Everything the dashboard shows: live figures, users today, history, failures."""
         today = self.clock.today()
-        live = self.figures()
+        live = await self.figures()
+        counts = await self.store.all_counts(today)
         users = []
         for u in self.users.by_name.values():
-            c = self.store.counts(u.name, today)
+            c = counts.get(u.name) or Counts()
             users.append(
                 {
                     "name": u.name,
@@ -4734,7 +5234,7 @@ class Service:
         first = date.fromisoformat(today) - timedelta(days=HISTORY_DAYS - 1)
         for n in range(HISTORY_DAYS):
             day = (first + timedelta(days=n)).isoformat()
-            usage = self._day_usage(day, day == today)
+            usage = await self.store.usage(day)
             history.append(
                 {
                     "date": day,
@@ -4761,36 +5261,70 @@ class Service:
             "upstreams": self.router.describe(self.clock.now()),
         }
 
-    def _day_usage(self, day: str, today: bool) -> dict[str, tuple[int, int]]:
-        """A day's usage per user; past days are cached until their journal changes."""
-        if today:
-            return self.store.usage(day)
-        try:
-            st = os.stat(Path(self.config.data_dir) / f"{day}.jsonl")
-            stamp = (st.st_size, st.st_mtime_ns)
-        except FileNotFoundError:
-            return {}
-        cached = self._history.get(day)
-        if cached is None or cached[0] != stamp:
-            cached = self._history[day] = (stamp, self.store.usage(day))
-            for old in sorted(self._history)[:-HISTORY_DAYS]:
-                del self._history[old]
-        return cached[1]
-
-    def figures(self) -> Figures:
+    async def figures(self) -> Figures:
         """The live figures that the status route, the dashboard and /metrics all show."""
-        requests, tokens = self.store.totals(self.clock.today())
+        status = "stopping" if self.stopping else "running"
+        try:
+            requests, tokens = self._totals = await self.store.totals(self.clock.today())
+        except StoreError:
+            requests, tokens = self._totals  # the last known, while the store is away
+            status = "store_unavailable"
+        waiting, running = len(self.queue), self.queue.processing
+        if self.config.processes != 1:
+            waiting, running = self.machine_figures(waiting, running)
         return Figures(
-            status="stopping" if self.stopping else "running",
-            queue_length=len(self.queue),
-            processing=self.queue.processing,
+            status=status,
+            queue_length=waiting,
+            processing=running,
             today_requests=requests,
             today_tokens=tokens,
         )
 
-    def status(self) -> dict[str, Any]:
+    LIVE_SECONDS = 0.5  # how often each process of --processes publishes its live figures
+
+    def publish_figures(self) -> None:
+        """--processes: this process's queue and calls running, for its siblings to add up
+        (data/live/<pid>.json, replaced every LIVE_SECONDS; a dead process's file goes stale)."""
+        live = Path(self.config.data_dir) / "live"
+        doc = {"w": len(self.queue), "p": self.queue.processing, "t": time.time()}
+        try:
+            make_private_dir(live)
+            tmp = live / f".{os.getpid()}.tmp"
+            fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                os.write(fd, json.dumps(doc).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, live / f"{os.getpid()}.json")
+        except OSError as e:
+            log.warning("cannot publish live figures in %s: %s", live, e.strerror)
+
+    def machine_figures(self, waiting: int, running: int) -> tuple[int, int]:
+        """Calls waiting and running in every process of this machine (the others' figures
+        are at most 2 x LIVE_SECONDS old; a file older than 3 s is a dead process's)."""
+        live = Path(self.config.data_dir) / "live"
+        now = time.time()
+        try:
+            names = os.listdir(live)
+        except OSError:
+            return waiting, running
+        for name in names:
+            if not name.endswith(".json") or name == f"{os.getpid()}.json":
+                continue
+            try:
+                doc = json.loads(read_private(live / name))
+                if now - float(doc["t"]) < 3:
+                    waiting += int(doc["w"])
+                    running += int(doc["p"])
+                else:
+                    (live / name).unlink(missing_ok=True)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return waiting, running
+
+    async def status(self) -> dict[str, Any]:
         """GET /api/status.php, in the contract's shape."""
-        live = self.figures()
+        live = await self.figures()
         return {
             "status": live.status,
             "api_key_configured": self.router.configured(API_OPENAI),
@@ -5054,8 +5588,8 @@ class NotFoundHandler(BaseHandler):
 class StatusHandler(BaseHandler):
     api = True
 
-    def get(self) -> None:
-        self.send_json(envelope(True, "OK", self.service.status()))
+    async def get(self) -> None:
+        self.send_json(envelope(True, "OK", await self.service.status()))
 
 
 class RelayHandler(BaseHandler, StreamSink):
@@ -5201,11 +5735,10 @@ class OpenAIHandler(BaseHandler):
         user = self.user
         if user is None:
             return
-        if counts is None:
-            try:
-                counts = self.service.store.counts(user.name, self.service.clock.today())
-            except StoreError:
-                return
+        if counts is None:  # an error path: what this process last saw, without waiting
+            counts = self.service.store.peek(user.name, self.service.clock.today())
+            if counts is None:
+                counts = Counts()
         requests_left, tokens_left = remaining(user, counts)
         self.set_header("x-ratelimit-limit-requests", str(user.daily_request_limit))
         self.set_header("x-ratelimit-remaining-requests", str(requests_left))
@@ -5515,9 +6048,9 @@ class AdminLogoutHandler(AdminBase):
 class AdminStateHandler(AdminBase):
     """GET /admin/api/state: what the dashboard draws, refreshed every few seconds."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         self.require_login()
-        self.send_json(envelope(True, MSG_OK, self.service.admin_state()))
+        self.send_json(envelope(True, MSG_OK, await self.service.admin_state()))
 
 
 class AdminActionHandler(AdminBase):
@@ -5630,7 +6163,7 @@ class UpstreamKeyHandler(AdminBase):
 class MetricsHandler(AdminBase):
     """GET /metrics: Prometheus text format; Bearer <admin key> or an admin login."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         bearer = bearer_token(self.request)
         if not (self.check_key(bearer, "metrics key") if bearer else self.logged_in()):
             raise GatewayError(
@@ -5640,7 +6173,7 @@ class MetricsHandler(AdminBase):
                 {"WWW-Authenticate": 'Bearer realm="gateway metrics"'},
             )
         service = self.service
-        live = service.figures()
+        live = await service.figures()
         gauges = {
             "gateway_queue_length": ("Calls waiting for a worker.", live.queue_length),
             "gateway_in_flight": ("Upstream calls running now.", live.processing),
@@ -6474,6 +7007,7 @@ def _admin_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     common.add_argument("--users-file", help="users file (GATEWAY_USERS_FILE; users.yaml)")
     common.add_argument("--data-dir", help="data directory (GATEWAY_DATA_DIR; data)")
+    common.add_argument("--store", help="usage store (GATEWAY_STORE; the data directory)")
     common.add_argument(
         "--timezone", help="IANA zone for 'today', as the gateway's (GATEWAY_TIMEZONE)"
     )
@@ -6567,10 +7101,23 @@ def policy_summary(user: User) -> str:
 class Admin:
     """The `user` and `usage` commands, on the same files a running gateway uses."""
 
-    def __init__(self, users_file: str, data_dir: str, timezone: str) -> None:
+    def __init__(self, users_file: str, data_dir: str, timezone: str, store: str = "") -> None:
         self.users_file = users_file
         self.clock = DayClock(Config(timezone=timezone).tz())
-        self.store = JournalStore(data_dir, self.clock)
+        self.store = open_store(store, data_dir, self.clock)
+        self._opened = False
+
+    async def _open(self) -> UsageStore:
+        """The store, connected if it is a network one (the file store needs no start: a
+        command takes no owner lock and writes only what it changes)."""
+        if not self._opened and not isinstance(self.store, JournalStore):
+            await self.store.start()
+        self._opened = True
+        return self.store
+
+    async def close(self) -> None:
+        if self._opened and not isinstance(self.store, JournalStore):
+            await self.store.close()
 
     def _users(self) -> dict[str, User]:
         try:
@@ -6634,25 +7181,11 @@ class Admin:
     async def reset(self, name: str) -> Counts:
         if name not in self._users():
             raise AdminError(f"no user {name!r} in {self.users_file}")
-        day = self.clock.today()
-        before = self.counts(day).get(name, Counts())
-        try:
-            make_private_dir(self.store.root)
-        except OSError as e:
-            raise StoreError(f"cannot create {self.store.root}: {e.strerror}") from None
-        await self.store.reset(name, day)
-        return before
+        store = await self._open()
+        return await store.reset(name, self.clock.today())
 
-    def counts(self, day: str) -> dict[str, Counts]:
-        """Counts against the limits on a day; reads only, creates no file."""
-        if not (self.store.root / f"{day}.jsonl").exists():
-            return {}
-        ledger = self.store._ledger(day)
-        ledger.catch_up()
-        return {u: c.copy() for u, c in ledger.counters.items()}
-
-    def list_rows(self) -> list[dict[str, Any]]:
-        counts = self.counts(self.clock.today())
+    async def list_rows(self) -> list[dict[str, Any]]:
+        counts = await (await self._open()).all_counts(self.clock.today())
         rows = []
         for u in self._users().values():
             c = counts.get(u.name, Counts())
@@ -6672,10 +7205,11 @@ class Admin:
             )
         return rows
 
-    def usage_rows(self, days: list[str], user: str | None) -> list[dict[str, Any]]:
+    async def usage_rows(self, days: list[str], user: str | None) -> list[dict[str, Any]]:
         rows = []
+        store = await self._open()
         for day in days:
-            for name, (requests, tokens) in sorted(self.store.usage(day).items()):
+            for name, (requests, tokens) in sorted((await store.usage(day)).items()):
                 if user is None or name == user:
                     rows.append({"date": day, "user": name, "requests": requests, "tokens": tokens})
         return rows
@@ -6702,9 +7236,20 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
             given.get("users_file") or env.get("GATEWAY_USERS_FILE") or Config.users_file,
             given.get("data_dir") or env.get("GATEWAY_DATA_DIR") or Config.data_dir,
             given.get("timezone") or env.get("GATEWAY_TIMEZONE") or Config.timezone,
+            given.get("store") or env.get("GATEWAY_STORE") or Config.store,
         )
+
+        def run(work: Awaitable[Any]) -> Any:
+            async def once() -> Any:
+                try:
+                    return await work
+                finally:
+                    await admin.close()
+
+            return asyncio.run(once())
+
         if args.command == "usage":
-            rows = admin.usage_rows(admin.days(args.date, args.days), args.user)
+            rows = run(admin.usage_rows(admin.days(args.date, args.days), args.user))
             print(_emit(rows, args.format, ["date", "user", "requests", "tokens"]), file=out)
             return EXIT_OK
         action, name = args.action, str(getattr(args, "name", ""))
@@ -6730,7 +7275,7 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
                 file=out,
             )
         elif action == "reset":
-            before = asyncio.run(admin.reset(name))
+            before = run(admin.reset(name))
             print(
                 f"user {name!r}: today's counters reset "
                 f"(were {before.requests} requests, {before.tokens} tokens)",
@@ -6738,7 +7283,7 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
             )
         else:
             columns = list(_LIST_COLUMNS)
-            print(_emit(admin.list_rows(), args.format, columns), file=out)
+            print(_emit(run(admin.list_rows()), args.format, columns), file=out)
     except AdminError as e:
         print(f"gateway: {e}", file=sys.stderr)
         return EXIT_NOT_FOUND
@@ -7002,7 +7547,7 @@ class Gateway:
         self.clock = DayClock(config.tz(), now)
         self.users = UserDirectory(config.users_file, demo=config.demo)
         self.routing = RoutingFile(str(config.routing_file()), config, os.environ)
-        self.store = JournalStore(config.data_dir, self.clock, fsync=config.fsync)
+        self.store = open_store(config.store, config.data_dir, self.clock, fsync=config.fsync)
         self.service: Service | None = None
         self.server: tornado.httpserver.HTTPServer | None = None
         self.port = config.port
@@ -7051,6 +7596,13 @@ class Gateway:
             asyncio.ensure_future(self._every(config.reload_interval, self._reload_users)),
             asyncio.ensure_future(self._every(2.0, self._maintain)),
         ]
+        if config.processes != 1:
+            service = self.service
+
+            async def publish() -> None:
+                service.publish_figures()
+
+            self._chores.append(asyncio.ensure_future(self._every(Service.LIVE_SECONDS, publish)))
         await self._maintain()
 
     @staticmethod
@@ -7078,7 +7630,10 @@ class Gateway:
             log.error("usage store: %s", e)
         if self.config.retention_days and self._pruned != today:
             self._pruned = today
-            for path in prune_days(self.config.data_dir, self.config.retention_days, today):
+            keep = self.config.retention_days
+            removed = await self.store.prune(keep, today)
+            removed += prune_call_logs(self.config.data_dir, keep, today)
+            for path in removed:
                 log.info("retention: deleted %s", path)
 
     async def stop(self) -> None:
@@ -7103,14 +7658,14 @@ class Gateway:
         await self.service.idle.wait()
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, sockets: list[Any] | None = None) -> None:
     # Signals first: a SIGTERM that arrives while starting still stops the gateway cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(config)
-    await gateway.start()
+    await gateway.start(sockets)
     # Objects from start-up (modules, users) live as long as the process: frozen, full
     # collections skip them. With a larger young generation, collections run less often; a
     # full one with 2,000 open streams took 100-200 ms before.
@@ -7141,12 +7696,76 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, tornado.options.Error) as e:
         print(f"gateway: {e}", file=sys.stderr)
         return 2
+    if config.processes != 1:
+        return supervise(config)
     try:
         asyncio.run(serve(config))
     except (ConfigError, StoreError) as e:
         log.error("cannot start: %s", e)
         return 2
     return 0
+
+
+def supervise(config: Config) -> int:
+    """--processes=N: bind the port once, fork N serving processes on it (each a whole
+    gateway on the same users, store and data dir), start a new one when one dies, and on
+    SIGTERM or SIGINT pass the signal on and wait until every one has drained."""
+    count = config.processes or os.cpu_count() or 1
+    sockets = tornado.netutil.bind_sockets(config.port, config.host, backlog=1024)
+    children: dict[int, int] = {}  # pid -> slot
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child: serve until told to stop
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                asyncio.run(serve(config, sockets))
+            except (ConfigError, StoreError) as e:
+                log.error("cannot start: %s", e)
+                code = 2
+            except BaseException:
+                log.exception("serving process %d failed", os.getpid())
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = slot
+
+    def forward(sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for slot in range(count):
+        spawn(slot)
+    log.info("supervising %d serving processes on port %d", count, config.port)
+    code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        slot = children.pop(pid)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            continue
+        if exit_code == 2:  # a configuration or store problem: another try would fail too
+            code = 2
+            forward(signal.SIGTERM, None)
+            continue
+        log.error("serving process %d exited (%s); starting another", pid, exit_code)
+        time.sleep(0.2)
+        spawn(slot)
+    return code
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ async def test_mixed_calls_at_once_log_one_line_each_and_match_the_counters(env:
     assert len(lines) == len(calls) - 10
     assert sorted(x["status"] for x in lines) == sorted(c for c in codes if c != 401)
     charged = [x for x in lines if x["status"] == 200]
-    requests, tokens = env.gateways[0].store.totals(env.gateways[0].clock.today())
+    requests, tokens = await env.gateways[0].store.totals(env.gateways[0].clock.today())
     logged = (len(charged), sum(x["total_tokens"] for x in charged))
     assert logged == (requests, tokens) == (50, 750)
     by_user = {
@@ -77,7 +77,7 @@ async def test_mixed_calls_at_once_log_one_line_each_and_match_the_counters(env:
         for u in ("alice", "carol")
         for rows in [[x for x in charged if x["user"] == u]]
     }
-    assert by_user == env.gateways[0].store.usage(env.gateways[0].clock.today())
+    assert by_user == await env.gateways[0].store.usage(env.gateways[0].clock.today())
     assert {x["model"] for x in charged if x["user"] == "carol"} == {"m-stream", "m-json"}
     assert all(x["stream"] == (x["model"] == "m-stream") for x in charged)
 
@@ -131,7 +131,7 @@ async def test_upstream_failures_and_clients_that_leave(env: Env) -> None:
     assert ok["status"] == 200
     assert left["status"] == 499 and left["error"].startswith("client_closed_request")
     assert left["total_tokens"] == 0 and left["upstream_ms"] is None
-    assert env.gateways[0].store.totals(env.gateways[0].clock.today()) == (1, 15)
+    assert await env.gateways[0].store.totals(env.gateways[0].clock.today()) == (1, 15)
     failures = env.gateways[0].service.calls.recent_failures()
     assert [f["status"] for f in failures] == [499, 502]  # newest first
 
@@ -163,7 +163,7 @@ async def test_usage_report_reads_the_same_counters(env: Env, tmp_path: Path) ->
         assert (await client.call(body()))[0] == 200
     await env.stop()
     admin = gateway.Admin(str(env.users_file), str(env.data_dir), "Asia/Shanghai")
-    rows = admin.usage_rows(admin.days(None, 7), None)
+    rows = await admin.usage_rows(admin.days(None, 7), None)
     logged = [x for x in call_lines_for(env) if x["status"] == 200]
     assert rows == [
         {
@@ -187,7 +187,7 @@ async def test_an_unwritable_call_log_does_not_fail_calls(env: Env, caplog) -> N
     client = await env.start()
     for _ in range(3):
         assert (await client.call(body()))[0] == 200
-    assert env.gateways[0].store.totals(env.gateways[0].clock.today()) == (3, 45)
+    assert await env.gateways[0].store.totals(env.gateways[0].clock.today()) == (3, 45)
     errors = [r for r in caplog.records if "call log" in r.getMessage()]
     assert len(errors) == 1  # logged once, not once per call
     assert errors[0].levelname == "ERROR"

@@ -458,7 +458,7 @@ async def gather_everything(env: Env, client: Client, seen: list[str], admin_key
     """Add the status page, the dashboard state (over HTTP and directly) to `seen`."""
     seen.append(response_text(await fetch(client, "/api/status.php")))
     seen.append(await admin_state_text(client, admin_key))
-    seen.append(json.dumps(env.gateways[0].service.admin_state(), ensure_ascii=False))
+    seen.append(json.dumps(await env.gateways[0].service.admin_state(), ensure_ascii=False))
 
 
 async def test_upstream_key_echoed_by_the_upstream_never_leaks(

@@ -232,14 +232,15 @@ class GatewayModel(RuleBasedStateMachine):
         assert self.gw is not None
         day = self.gw.clock.today()
         for user in USERS:
-            counts = self.gw.store.counts(user, day)
+            counts = self.run(self.gw.store.counts(user, day))
             assert [counts.requests, counts.tokens] == self.today()[user], user
             assert counts.reserved == 0
-        status = self.gw.service.status()["stats"]  # type: ignore[union-attr]
+        status = self.run(self.gw.service.status())["stats"]  # type: ignore[union-attr]
         spent = self.spent_today()
         assert status["today_requests"] == sum(r for r, _ in spent.values())
         # The usage report and the call log count every charge, resets or not.
-        assert self.gw.store.usage(day) == {u: tuple(v) for u, v in spent.items() if v[0]}
+        usage = self.run(self.gw.store.usage(day))
+        assert usage == {u: tuple(v) for u, v in spent.items() if v[0]}
         logged = {u: [0, 0] for u in USERS}
         path = self.tmp / "data" / "calls" / f"{day}.jsonl"
         for line in path.read_text().splitlines() if path.exists() else []:
