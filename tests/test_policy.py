@@ -1077,15 +1077,15 @@ async def test_property_no_burst_is_admitted_past_any_limit(
             expected = "daily_request_limit_exceeded"
         elif charged >= limit:
             expected = "daily_token_limit_exceeded"
-        elif (
-            policy["token_policy"] == "strict"
-            and gateway.estimate_request_tokens(chat(max_tokens=1)) >= limit - charged
-        ):  # strict: a prompt that fills what is left leaves no room for an answer
-            expected = "daily_token_limit_exceeded"
         elif policy["rpm"] and n_ok >= policy["rpm"]:
             expected = "rpm_limit_exceeded"
         elif policy["tpm"] and charged >= policy["tpm"]:
             expected = "tpm_limit_exceeded"
+        elif (
+            policy["token_policy"] == "strict"
+            and gateway.estimate_request_tokens(chat(max_tokens=1)) >= limit - charged
+        ):  # strict, checked last: a prompt that fills what is left leaves no room to answer
+            expected = "daily_token_limit_exceeded"
         else:
             expected = ""
         status, doc, _ = await client.call(chat(max_tokens=1), key=key_of(name), path=CHAT)
