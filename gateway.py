@@ -1029,6 +1029,8 @@ def parse_users(text: str, demo: bool = False) -> dict[str, User]:
         doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid YAML: {yaml_problem(e)}") from None
+    except (ValueError, RecursionError) as e:  # e.g. a date that does not exist, deep nesting
+        raise ConfigError(f"not valid YAML: {type(e).__name__}: {str(e)[:100]}") from None
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -2723,7 +2725,7 @@ def _error_message(body: bytes | None) -> str:
             return str(err["message"])[:1000]
         if isinstance(err, str):
             return err[:1000]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         pass
     return text[:300] or "empty response"
 
@@ -2819,6 +2821,8 @@ class Upstream:
             },
             request_timeout=self.timeout,
             connect_timeout=self.connect_timeout,
+            # A redirect would send the team's key and the user's body to another host.
+            follow_redirects=False,
             **kwargs,
         )
 
@@ -2968,6 +2972,7 @@ class Job:
     prompt: int = 0  # the prompt's estimated tokens (token policies)
     max_tokens: int = 0  # the client's cap on generated tokens; 0: none given
     cap: int = 0  # token_policy strict: the max_tokens the upstream gets (0: the client's)
+    choices: int = 1  # answers the call asks for (n, best_of); each may use max_tokens
 
 
 class CallQueue:
@@ -3064,6 +3069,7 @@ class CallQueue:
                 finally:
                     self.processing -= 1
             finally:
+                job = None  # type: ignore[assignment]  # idle, the worker holds no body
                 self._turns.task_done()
 
     async def drain(self) -> None:
@@ -3098,12 +3104,12 @@ _UPSTREAM_FIELDS = frozenset(
 _UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}")
 _OWN_HEADERS = frozenset({"authorization", "x-api-key", "content-type", "accept", "host"})
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 529})  # 529: Anthropic's overloaded
 KEY_REFUSED = frozenset({401, 403})  # the key is bad: out of use until reload or re-enable
 CLIENT_FAULTS = frozenset({400, 404, 422})  # the request is bad: passed on, never retried
 FAILURES_BEFORE_REST = 3  # an upstream's consecutive failures that send it to rest
 MAX_REST_WAIT = 3.0  # seconds a call waits for a resting upstream to come back, else it fails
-MAX_KEY_REST = 3600.0  # the longest an upstream's Retry-After rests a key
+MAX_KEY_REST = 60.0  # the longest a 429 rests a key, whatever the upstream's Retry-After
 MAX_ROUTES_CACHED = 10_000
 
 
@@ -3310,6 +3316,7 @@ class KeyState:
 
     __slots__ = (
         "calls",
+        "checked_at",
         "disabled",
         "failures",
         "fingerprint",
@@ -3323,6 +3330,7 @@ class KeyState:
         self.fingerprint = key_fingerprint(secret)
         self.resting_until = 0.0  # after a 429: the upstream's Retry-After, or the cooldown
         self.disabled = ""  # after a 401/403: why; until the file changes or the admin says so
+        self.checked_at = -1e9  # when a 401/403 last sent it to be checked
         self.calls = 0
         self.failures = 0
         self.last_error = ""
@@ -3342,6 +3350,7 @@ class Channel:
         self.current = 0  # smooth weighted round robin's running weight
         self.in_flight = 0
         self.failures_in_row = 0
+        self.failing_users: set[str] = set()  # who the failures in a row came from
         self.resting_until = 0.0
         self.trial = False  # a call is deciding whether the upstream comes back from rest
         self.calls = 0
@@ -3466,6 +3475,7 @@ class Router:
         self.channels: dict[str, Channel] = {}
         self._routes: dict[tuple[str, str], Route | None] = {}
         self._waiters: list[asyncio.Future[None]] = []
+        self._checks: set[asyncio.Future[None]] = set()  # key checks under way
         self.install(spec)
 
     def install(self, spec: RoutingSpec) -> None:
@@ -3614,14 +3624,22 @@ class Router:
         if ch.failures_in_row >= FAILURES_BEFORE_REST:
             log.warning("upstream %s is back", ch.name)
         ch.failures_in_row, ch.resting_until, ch.trial = 0, 0.0, False
+        ch.failing_users.clear()
         ch.calls += 1
         key.calls += 1
         ms = seconds * 1000
         ch.latency_ms = ms if not ch.latency_ms else 0.8 * ch.latency_ms + 0.2 * ms
 
-    def failed(self, ch: Channel, key: KeyState, e: UpstreamFailure) -> str:
+    def failed(self, ch: Channel, key: KeyState, e: UpstreamFailure, user: str = "") -> str:
         """Learn from a failed attempt; return what to avoid for the rest of the call:
-        "key", "upstream", or "" (a client fault, not retried)."""
+        "key", "upstream", or "" (a client fault, not retried).
+
+        A user's own request can draw a 401/403 (a model the project may not use), a 429
+        ("request too large") or a 5xx from an upstream; so one user cannot take keys or
+        upstreams out of service: a refused key is checked with a plain model-list request
+        before it is disabled, a 429 rests a key at most MAX_KEY_REST, and answered 5xx rest
+        an upstream only when they came from at least two users (connect errors and timeouts,
+        which no request chooses, count whoever sent them)."""
         now = self.now()
         error = f"{e.status or 'no answer'}: {e.error}"[:300]
         ch.calls += 1
@@ -3636,14 +3654,7 @@ class Router:
             # taken out of use and nothing rests; every call tries it, as it always has.
             return "upstream"
         if e.status in KEY_REFUSED:
-            key.disabled = error
-            log.error(
-                "upstream %s refused key %s (%s): taken out of use until upstreams.yaml "
-                "changes or an admin re-enables it",
-                ch.name,
-                key.fingerprint,
-                e.status,
-            )
+            self.check_key(ch, key, error)
             return "key"
         if e.status == 429:
             rest = min(
@@ -3657,7 +3668,10 @@ class Router:
         if e.status is None and e.responded:
             return ""  # timed out while answering: the call may have run, not repeated
         ch.failures_in_row += 1
-        if ch.trial or ch.failures_in_row >= FAILURES_BEFORE_REST:
+        if e.status is None:
+            ch.failing_users.add("")  # not the request's doing: counts as another user
+        ch.failing_users.add(user)
+        if ch.trial or (ch.failures_in_row >= FAILURES_BEFORE_REST and len(ch.failing_users) >= 2):
             ch.trial = False
             ch.resting_until = now + self.spec.cooldown
             log.warning(
@@ -3668,6 +3682,39 @@ class Router:
                 error,
             )
         return "upstream"
+
+    def check_key(self, ch: Channel, key: KeyState, error: str) -> None:
+        """After a 401/403: ask the upstream for its model list with the key (in the
+        background, at most once per cooldown); only if that is refused too is the key
+        taken out of use."""
+        now = self.now()
+        if key.disabled or key.checked_at > now - max(self.spec.cooldown, 1.0):
+            return
+        key.checked_at = now
+        headers = dict(ch.headers)
+        if ch.spec.api == API_ANTHROPIC:
+            headers.setdefault("anthropic-version", "2023-06-01")
+
+        async def check() -> None:
+            try:
+                await ch.client.get_json("/models", key.secret, headers)
+            except UpstreamFailure as e:
+                if e.status in KEY_REFUSED:
+                    key.disabled = error
+                    log.error(
+                        "upstream %s refused key %s (%s, and again for its model list): "
+                        "taken out of use until upstreams.yaml changes or an admin "
+                        "re-enables it",
+                        ch.name,
+                        key.fingerprint,
+                        e.status,
+                    )
+            except Exception:
+                log.exception("checking key %s of upstream %s failed", key.fingerprint, ch.name)
+
+        task = asyncio.ensure_future(check())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
 
     def enable_key(self, upstream: str, fingerprint: str) -> bool:
         ch = self.channels.get(upstream)
@@ -3702,7 +3749,10 @@ class RoutingFile:
             st = os.stat(self.path)
         except FileNotFoundError:
             return default_routing(self.config)
-        text = self.path.read_text(encoding="utf-8")
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{self.path}: cannot read it ({type(e).__name__})") from None
         self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         try:
             return parse_routing(text, self.env, self.config)
@@ -4499,6 +4549,7 @@ class SSERelay:
         self._counts: dict[str, int] = {}  # Anthropic's usage fields, as they arrive
         self._escaped: Any = None  # the last event's JSON, when it holds \\u escapes
         self.retry_after: float | None = None
+        self.overflow = False  # more than max_event bytes came after the closing event
 
     def on_header(self, line: str) -> None:
         if line.startswith("HTTP/"):
@@ -4545,6 +4596,8 @@ class SSERelay:
             if self.done:  # held until the charge is written; bounded like one event
                 if len(self.tail) + len(event) <= self.max_event:
                     self.tail += self.redactor.data(event + b"\n\n")
+                else:
+                    self.overflow = True  # an upstream that keeps on after its end
             else:
                 out.append(event + b"\n\n")
         del buffer[:begin]
@@ -4564,6 +4617,8 @@ class SSERelay:
                     raise
         if self.cut:
             raise EventTooLarge(self.cut)  # the events before it were sent first
+        if self.overflow:
+            raise ClientLeft("the upstream kept sending after its closing event")
 
     def _inspect(self, event: bytes) -> bool:
         """Note what an event says; return whether to forward it (now, or in the tail)."""
@@ -4639,6 +4694,10 @@ class SSERelay:
                 self.usage = usage
         if kind in _RESPONSES_ENDS:
             self.finished = self.done = True
+        elif kind in ("response.output_item.done", "response.output_text.done"):
+            # The answer is written: a client that leaves now is still charged the usage
+            # that response.completed brings, so the rest is read.
+            self.finished = True
 
     def _anthropic_event(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
@@ -4764,6 +4823,15 @@ async def _no_call() -> Answer:
     raise AssertionError("a Job's call is set by the job builder")
 
 
+def _upstream_headers(target: Target, channel: Channel) -> dict[str, str]:
+    """Headers for an attempt: the client's passed-on ones, then the upstream's own from
+    upstreams.yaml (the admin's word wins), and Anthropic's API version if neither set one."""
+    headers = {**target.headers, **channel.headers}
+    if target.api == API_ANTHROPIC and "anthropic-version" not in {h.lower() for h in headers}:
+        headers["anthropic-version"] = "2023-06-01"
+    return headers
+
+
 def _cap_field(request: dict[str, Any], target: Target) -> str:
     """The request field that caps generated tokens in the target's API ("" for none)."""
     if target.api == API_ANTHROPIC:
@@ -4820,6 +4888,7 @@ class Service:
         self.router = Router(routing, config, Redactor(config.secrets() + routing_secrets(routing)))
         self._upstream_models: dict[str, tuple[float, list[str]]] = {}
         self._totals = (0, 0)  # today's totals as last read from the store
+        self._models_lock = asyncio.Lock()
         self.queue = CallQueue(config.queue_size, config.concurrency, config.user_queue_share)
         self.calls = CallLog(config.data_dir, clock)
         self.metrics = Metrics()
@@ -4915,7 +4984,7 @@ class Service:
         self.check_accepting(job.api)
         day = self.clock.today()  # settled against the day it was admitted on
         job.user, job.weight = user.name, user.policy.weight
-        want = job.prompt + job.max_tokens
+        want = job.prompt + job.max_tokens * job.choices
         if user.policy.token_policy == STRICT and not job.max_tokens:
             want = 0  # no cap from the client: strict grants what is left, and caps it there
         res: Reservation | None = await self.store.reserve(user, day, want, job.prompt)
@@ -4923,7 +4992,11 @@ class Service:
         if user.policy.token_policy == STRICT and res.grant > job.prompt:
             # What is left of the day's tokens after the prompt, or the client's own cap if
             # lower; a strict call always goes upstream with one.
-            job.cap = res.grant - job.prompt
+            job.cap = (res.grant - job.prompt) // job.choices
+            if job.cap < 1:  # n answers that cannot each have a token
+                await self.store.release(res)
+                res = None
+                raise QuotaExceeded("tokens", user, await self.store.counts(user.name, day))
         rec.call_id, rec.day = res.id, day
         self.active += 1
         self.idle.clear()
@@ -4977,7 +5050,7 @@ class Service:
                     log.error("usage store: %s (slot of %s stays held until restart)", e, user.name)
 
     async def routed(
-        self, route: Route, attempt: Callable[[Channel, KeyState], Awaitable[Answer]]
+        self, route: Route, attempt: Callable[[Channel, KeyState], Awaitable[Answer]], job: Job
     ) -> Answer:
         """Make a call through the route's upstreams: an attempt on the upstream and key the
         Router picks; after a retryable failure, another attempt on a different upstream or
@@ -5004,7 +5077,7 @@ class Service:
             try:
                 answer = await attempt(channel, key)
             except UpstreamFailure as e:
-                avoid = router.failed(channel, key, e)
+                avoid = router.failed(channel, key, e, job.user)
                 attempts.append({"upstream": channel.name, "status": e.status, "error": e.error})
                 last = e
                 if not avoid:
@@ -5036,6 +5109,12 @@ class Service:
         field = _cap_field(request, target)
         given = request.get(field) if field else None
         job.max_tokens = given if type(given) is int and given > 0 else 0
+        # n (and completions' best_of) answers: each may use max_tokens.
+        choices = max(
+            (v for k in ("n", "best_of") if type(v := request.get(k)) is int and 0 < v <= 1000),
+            default=1,
+        )
+        job.choices = choices if field else 1
         return job
 
     @staticmethod
@@ -5074,7 +5153,7 @@ class Service:
         async def attempt(channel: Channel, key: KeyState) -> Answer:
             sent, _ = self._upstream_body(target, route, body, request, job=job, stream=False)
             upstream = channel.client
-            headers = {**channel.headers, **target.headers}
+            headers = _upstream_headers(target, channel)
             reply, raw = await upstream.post_json(target.path, sent, headers, key.secret)
             uid = reply.get("id")
             return Answer(
@@ -5084,7 +5163,7 @@ class Service:
                 upstream_id=upstream.redactor.text(uid[:200]) if isinstance(uid, str) else "",
             )
 
-        job.call = lambda: self.routed(route, attempt)
+        job.call = lambda: self.routed(route, attempt, job)
         return job
 
     def stream_job(
@@ -5119,7 +5198,7 @@ class Service:
                     sent,
                     sse.on_header,
                     sse.on_chunk,
-                    headers={**channel.headers, **target.headers},
+                    headers=_upstream_headers(target, channel),
                     key=key.secret,
                 )
             except Exception:
@@ -5130,10 +5209,18 @@ class Service:
                 error = "the gateway could not finish relaying the stream"
             return await sse.finish(error)
 
-        job.call = lambda: self.routed(route, attempt)
+        job.call = lambda: self.routed(route, attempt, job)
         return job
 
-    async def uncharged(self, target: Target, body: bytes, request: dict[str, Any]) -> bytes:
+    async def uncharged(
+        self,
+        target: Target,
+        body: bytes,
+        request: dict[str, Any],
+        *,
+        user: User,
+        on_job: Callable[[Job], None],
+    ) -> bytes:
         """A call that costs the user nothing (Anthropic's count_tokens): through the queue,
         so it too waits for a worker, but with no slot reserved and nothing charged."""
         self.check_accepting(target.upstream_api)
@@ -5141,11 +5228,14 @@ class Service:
         sent = body if route.model == request.get("model") else _with_model(request, route.model)
 
         async def attempt(channel: Channel, key: KeyState) -> Answer:
-            headers = {**channel.headers, **target.headers}
+            headers = _upstream_headers(target, channel)
             reply, raw = await channel.client.post_json(target.path, sent, headers, key.secret)
             return Answer(reply, Usage(0, 0, 0), raw=raw)
 
-        job = Job(call=lambda: self.routed(route, attempt), api=target.upstream_api)
+        job = Job(call=_no_call, api=target.upstream_api)
+        job.call = lambda: self.routed(route, attempt, job)
+        job.user, job.weight = user.name, user.policy.weight  # its own place in fair share
+        on_job(job)  # the handler keeps the body counted and tells the job if its client left
         try:
             self.queue.submit(job)
         except tornado.queues.QueueFull:
@@ -5158,6 +5248,11 @@ class Service:
         mapped names."""
         if self.config.models:
             return _model_list([m.strip() for m in self.config.models.split(",") if m.strip()])
+        # One fetch at a time: concurrent requests wait for it and share its (cached) list.
+        async with self._models_lock:
+            return await self._fetch_models()
+
+    async def _fetch_models(self) -> dict[str, Any]:
         router = self.router
         if not router.spec.from_file:
             return await self._default_models(router.channels["default"])
@@ -5374,6 +5469,17 @@ class BaseHandler(tornado.web.RequestHandler):
     body_limit = 0
     budgeted = False  # whether this route's bodies count against --max-body-memory
     api = False  # an API route: pages of the --cors-origins may call it from a browser
+
+    def client_address(self) -> str:
+        """The client's address for allow_ips: the connection's peer, or with --xheaders
+        the last X-Forwarded-For entry (the one our proxy added). X-Real-Ip is not read
+        here: a client could send it itself through a proxy that only appends."""
+        context = getattr(self.request.connection, "context", None)
+        peer = getattr(context, "_orig_remote_ip", None) or self.request.remote_ip or ""
+        if not self.service.config.xheaders:
+            return peer
+        forwarded = self.request.headers.get("X-Forwarded-For", "")
+        return forwarded.split(",")[-1].strip() or peer
 
     def initialize(self, service: Service) -> None:
         self.service = service
@@ -5661,7 +5767,7 @@ class RelayHandler(BaseHandler, StreamSink):
         return self.request.headers.get("X-API-Key") or bearer_token(self.request)
 
     def check_access(self) -> None:
-        self.user = self.service.authenticate(self.api_key(), self.request.remote_ip or "")
+        self.user = self.service.authenticate(self.api_key(), self.client_address())
         cast(CallRecord, self.record).user = self.user.name
 
     def on_connection_close(self) -> None:
@@ -5826,7 +5932,7 @@ class ModelsHandler(OpenAIHandler):
     """GET /v1/models: what the users can call; GET /v1/models/{id}: one of them."""
 
     def check_access(self) -> None:
-        self.user = self.service.authenticate(self.api_key(), self.request.remote_ip or "")
+        self.user = self.service.authenticate(self.api_key(), self.client_address())
 
     async def get(self, model_id: str | None = None) -> None:
         models = await self.service.models()
@@ -5862,7 +5968,7 @@ class AnthropicHandler(OpenAIRelayHandler):
     anthropic-version and anthropic-beta headers; errors in Anthropic's shape."""
 
     def target(self) -> Target:
-        headers = {"anthropic-version": "2023-06-01"}
+        headers = {}
         for name in ("anthropic-version", "anthropic-beta"):
             value = self.request.headers.get(name)
             if value is None:
@@ -5895,11 +6001,26 @@ class CountTokensHandler(AnthropicHandler):
         body = self.body()
         request = parse_json_object(body)
         validate_count_tokens(request)
+        user = cast(User, self.user)
+        if not user.policy.allows_model(str(request.get("model"))):
+            raise GatewayError(403, MSG_MODEL_NOT_ALLOWED, {"error": "model_not_allowed"})
+
+        def keep(job: Job) -> None:
+            self.job = job
+
         try:
-            raw = await self.service.uncharged(self.target(), body, request)
+            raw = await self.service.uncharged(self.target(), body, request, user=user, on_job=keep)
         finally:
             self._let_body_go()
         self.finish(raw)
+
+
+class AnthropicNotFoundHandler(AnthropicHandler):
+    def initialize(self, service: Service) -> None:  # type: ignore[override]
+        BaseHandler.initialize(self, service)
+
+    def prepare(self) -> None:  # any method, any headers: the route does not exist
+        raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no route {self.request.path[:200]}"})
 
 
 class OpenAINotFoundHandler(OpenAIHandler):
@@ -7444,7 +7565,8 @@ def make_app(service: Service) -> tornado.web.Application:
         ),
         (r"/v1/models", ModelsHandler, deps),
         (r"/v1/models/(.+)", ModelsHandler, deps),
-        (r"/v1/.*", OpenAINotFoundHandler, deps),
+        (r"/v1/messages/.*", AnthropicNotFoundHandler, deps),
+        (r"/(?:v1|openai)/.*", OpenAINotFoundHandler, deps),
         (r"/metrics", MetricsHandler, deps),
         (r"/admin/?", AdminPageHandler, deps),
         (r"/admin/login", AdminLoginHandler, deps),
