@@ -5,12 +5,14 @@ COPY requirements.txt .
 # tzdata: slim images have no zone database, which --timezone needs.
 # redis: the Redis store (--store=redis://…); loaded only when that store is chosen.
 RUN pip install --no-cache-dir -r requirements.txt tzdata 'redis>=5,<7' \
- && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin gateway \
+ && groupadd --system --gid 10001 gateway \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin gateway \
  && mkdir -p /app/data \
  && chown gateway:gateway /app/data
 COPY gateway.py users.yaml ./
 
-USER gateway
+# Numeric, so that the host and Kubernetes (runAsNonRoot) can tell it is not root.
+USER 10001:10001
 ENV GATEWAY_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1
 VOLUME ["/app/data"]
