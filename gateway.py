@@ -58,6 +58,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import re
 import secrets
 import signal
@@ -4318,6 +4319,137 @@ def usage_of(reply: dict[str, Any], request: dict[str, Any], size: int = 0) -> U
 
 
 # ---------------------------------------------------------------------------------------------
+# Audit trail: every change an administrator makes (data/audit/YYYY-MM-DD.jsonl)
+# ---------------------------------------------------------------------------------------------
+
+
+class AuditLog:
+    """Every change an administrator makes, one JSON line each in data/audit/YYYY-MM-DD.jsonl:
+    time, actor (the OS user for commands, the dashboard session, "file" for a changed
+    users.yaml or upstreams.yaml picked up by a reload), action and target, and which fields
+    changed; never a key's value."""
+
+    def __init__(self, root: str, clock: DayClock) -> None:
+        self.dir = Path(root) / "audit"
+        self.clock = clock
+
+    def write(self, actor: str, action: str, target: str, **details: Any) -> None:
+        now = self.clock.now()
+        moment = datetime.fromtimestamp(now, self.clock.tz)
+        if self.clock.tz is None:
+            moment = moment.astimezone()
+        line = {
+            "time": moment.isoformat(timespec="milliseconds"),
+            "actor": actor[:100],
+            "action": action,
+            "target": target[:200],
+            **details,
+        }
+        data = (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        path = self.dir / f"{self.clock.today()}.jsonl"
+        try:
+            make_private_dir(self.dir)
+            fd = open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.error("audit trail %s not written: %s (%s %s)", path, e.strerror, action, target)
+
+    def recent(self, count: int = 50, days: int = 2) -> list[dict[str, Any]]:
+        """The latest entries, newest first, from the last `days` days (1 MiB of each)."""
+        out: list[dict[str, Any]] = []
+        today = date.fromisoformat(self.clock.today())
+        for n in range(days):
+            path = self.dir / f"{(today - timedelta(days=n)).isoformat()}.jsonl"
+            try:
+                fd = open_private(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                raw = os.pread(fd, 1 << 20, max(0, size - (1 << 20)))
+            finally:
+                os.close(fd)
+            lines = raw.split(b"\n")
+            if size > 1 << 20:
+                lines = lines[1:]  # the first may be cut
+            for line in reversed(lines):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+                if len(out) >= count:
+                    return out
+        return out
+
+
+def audit_actor() -> str:
+    """Who runs an admin command: the OS user (and sudo's original user, if any)."""
+    try:
+        name = pwd.getpwuid(os.geteuid()).pw_name
+    except (KeyError, OSError):
+        name = f"uid {os.geteuid()}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"{name} (sudo by {sudo})" if sudo and sudo != name else name
+
+
+def user_changes(before: Mapping[str, User], after: Mapping[str, User]) -> list[dict[str, Any]]:
+    """What a users.yaml reload changed: users added, removed, and the fields changed of the
+    others (a key change is named "api_key", its value never written)."""
+    changes: list[dict[str, Any]] = []
+    for name in sorted(after.keys() - before.keys()):
+        changes.append({"action": "user added", "target": name})
+    for name in sorted(before.keys() - after.keys()):
+        changes.append({"action": "user removed", "target": name})
+    for name in sorted(before.keys() & after.keys()):
+        old, new = before[name], after[name]
+        fields = [
+            "api_key" if f.name == "key_sha256" else f.name
+            for f in dataclasses.fields(User)
+            if getattr(old, f.name) != getattr(new, f.name)
+        ]
+        if fields:
+            changes.append({"action": "user changed", "target": name, "fields": fields})
+    return changes
+
+
+def upstream_changes(before: RoutingSpec, after: RoutingSpec) -> list[dict[str, Any]]:
+    """What an upstreams.yaml reload changed, by upstream and field (keys counted, never
+    written); plus the model names and retry settings."""
+    old = {u.name: u for u in before.upstreams}
+    new = {u.name: u for u in after.upstreams}
+    changes: list[dict[str, Any]] = []
+    for name in sorted(new.keys() - old.keys()):
+        changes.append({"action": "upstream added", "target": name})
+    for name in sorted(old.keys() - new.keys()):
+        changes.append({"action": "upstream removed", "target": name})
+    for name in sorted(old.keys() & new.keys()):
+        fields = [
+            f.name
+            for f in dataclasses.fields(UpstreamSpec)
+            if getattr(old[name], f.name) != getattr(new[name], f.name)
+        ]
+        if fields:
+            changes.append({"action": "upstream changed", "target": name, "fields": fields})
+    settings = [
+        k
+        for k, a, b in (
+            ("models", dict(before.aliases), dict(after.aliases)),
+            ("retries", before.retries, after.retries),
+            ("cooldown_seconds", before.cooldown, after.cooldown),
+        )
+        if a != b
+    ]
+    if settings:
+        changes.append(
+            {"action": "routing changed", "target": "upstreams.yaml", "fields": settings}
+        )
+    return changes
+
+
+# ---------------------------------------------------------------------------------------------
 # Admin access: sessions and the guess throttle
 # ---------------------------------------------------------------------------------------------
 
@@ -4891,6 +5023,7 @@ class Service:
         self._models_lock = asyncio.Lock()
         self.queue = CallQueue(config.queue_size, config.concurrency, config.user_queue_share)
         self.calls = CallLog(config.data_dir, clock)
+        self.audit = AuditLog(config.data_dir, clock)
         self.metrics = Metrics()
         self.bodies = BodyBudget(config.max_body_memory)
         self.cors_origins = config.cors()
@@ -5354,6 +5487,7 @@ class Service:
             "history": history,
             "failures": self.calls.recent_failures(50),
             "upstreams": self.router.describe(self.clock.now()),
+            "audit": self.audit.recent(20),
         }
 
     async def figures(self) -> Figures:
@@ -6070,6 +6204,12 @@ class AdminBase(BaseHandler):
         value = self.get_signed_cookie(ADMIN_COOKIE, max_age_days=ADMIN_SESSION_DAYS)
         return value.decode("ascii", "replace") if value else None
 
+    def actor(self) -> str:
+        """How the audit trail names this administrator: the dashboard session (a digest of
+        its id, which names the login without being one)."""
+        sid = self.session_id() or ""
+        return "dashboard session " + hashlib.sha256(sid.encode()).hexdigest()[:10]
+
     def logged_in(self) -> bool:
         sid = self.session_id()
         self.admin = sid is not None and self.service.admin_sessions.valid(sid)
@@ -6213,6 +6353,7 @@ class AdminActionHandler(AdminBase):
             )
             service.users.reload_if_changed()
         log.info("admin: %s user %r", action, name)
+        service.audit.write(self.actor(), f"user {action}", name)
         self.send_json(envelope(True, MSG_OK, {"user": name, "action": action}))
 
 
@@ -6278,6 +6419,7 @@ class UpstreamKeyHandler(AdminBase):
         if not self.service.router.enable_key(upstream, key):
             raise GatewayError(404, MSG_NOT_FOUND, {"error": f"no key {key!r} in {upstream!r}"})
         log.info("admin: re-enabled key %s of upstream %s", key, upstream)
+        self.service.audit.write(self.actor(), "key enabled", upstream, key=key)
         self.send_json(envelope(True, MSG_OK, {"upstream": upstream, "key": key}))
 
 
@@ -6928,6 +7070,10 @@ DASHBOARD_PAGE = (
 <section class="panel"><table><thead><tr><th>Time</th><th>User</th><th>Endpoint</th>
 <th>Model</th><th>Status</th><th>Reason</th></tr></thead><tbody id="failures"></tbody></table>
 <div class="empty" id="no-failures">No failed calls.</div></section>
+<h2>Recent changes</h2>
+<section class="panel"><table><thead><tr><th>Time</th><th>By</th><th>Action</th>
+<th>Target</th><th>Fields</th></tr></thead><tbody id="audit"></tbody></table>
+<div class="empty" id="no-audit">No changes recorded.</div></section>
 </main>
 <script nonce="{{nonce}}">
 "use strict";
@@ -7090,6 +7236,14 @@ function drawFailures(rows) {
     el("td", {textContent: f.error || ""}))));
   document.getElementById("no-failures").hidden = rows.length > 0;
 }
+function drawAudit(rows) {
+  document.getElementById("audit").replaceChildren(...rows.map((a) => el("tr", {},
+    el("td", {textContent: (a.time || "").replace("T", " ").slice(0, 19)}),
+    el("td", {textContent: a.actor || ""}), el("td", {textContent: a.action || ""}),
+    el("td", {textContent: a.target || ""}),
+    el("td", {textContent: Array.isArray(a.fields) ? a.fields.join(", ") : ""}))));
+  document.getElementById("no-audit").hidden = rows.length > 0;
+}
 async function refresh() {
   let r;
   try { r = await fetch("/admin/api/state", {cache: "no-store", credentials: "same-origin"}); }
@@ -7102,6 +7256,7 @@ async function refresh() {
   drawHistory(data.history);
   drawFailures(data.failures);
   drawUpstreams(data.upstreams);
+  drawAudit(data.audit || []);
   document.body.dataset.loaded = "1";
 }
 refresh();
@@ -7162,6 +7317,12 @@ def _admin_parser() -> argparse.ArgumentParser:
     when.add_argument("--days", type=int, default=1, help="the last N days up to today (1)")
     usage.add_argument("--user", help="only this user")
     usage.add_argument("--format", choices=formats, default="table")
+    audit = sub.add_parser(
+        "audit", help="the latest administrators' changes (data/audit/)", parents=[common]
+    )
+    audit.add_argument("--days", type=int, default=7, help="the last N days (7)")
+    audit.add_argument("--limit", type=int, default=100, help="at most N entries (100)")
+    audit.add_argument("--format", choices=formats, default="table")
     return top
 
 
@@ -7226,6 +7387,7 @@ class Admin:
         self.users_file = users_file
         self.clock = DayClock(Config(timezone=timezone).tz())
         self.store = open_store(store, data_dir, self.clock)
+        self.audit = AuditLog(data_dir, self.clock)
         self._opened = False
 
     async def _open(self) -> UsageStore:
@@ -7369,6 +7531,14 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
 
             return asyncio.run(once())
 
+        if args.command == "audit":
+            entries = admin.audit.recent(max(1, args.limit), max(1, args.days))
+            rows = [
+                {**e, "fields": ",".join(e["fields"]) if isinstance(e.get("fields"), list) else ""}
+                for e in entries
+            ]
+            print(_emit(rows, args.format, ["time", "actor", "action", "target", "fields"]))
+            return EXIT_OK
         if args.command == "usage":
             rows = run(admin.usage_rows(admin.days(args.date, args.days), args.user))
             print(_emit(rows, args.format, ["date", "user", "requests", "tokens"]), file=out)
@@ -7405,6 +7575,20 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
         else:
             columns = list(_LIST_COLUMNS)
             print(_emit(run(admin.list_rows()), args.format, columns), file=out)
+        if action != "list":
+            details: dict[str, Any] = {}
+            if action in ("add", "limits"):
+                details["fields"] = [
+                    f
+                    for f, v in (
+                        ("daily_request_limit", args.requests),
+                        ("daily_token_limit", args.tokens),
+                    )
+                    if v is not None
+                ] + (["api_key"] if action == "add" else [])
+            elif action == "rotate":
+                details["fields"] = ["api_key"]
+            admin.audit.write(audit_actor(), f"user {action}", name, **details)
     except AdminError as e:
         print(f"gateway: {e}", file=sys.stderr)
         return EXIT_NOT_FOUND
@@ -7737,11 +7921,17 @@ class Gateway:
                 log.exception("periodic task failed")
 
     async def _reload_users(self) -> None:
-        self.users.reload_if_changed()
+        before = dict(self.users.by_name)
+        if self.users.reload_if_changed() and self.service is not None:
+            for change in user_changes(before, self.users.by_name):
+                self.service.audit.write("file", file=self.config.users_file, **change)
         if self.service is not None and not self.config.demo:
             routing = self.routing.changed()
             if routing is not None:
+                previous = self.service.router.spec
                 self.service.install_routing(routing)
+                for change in upstream_changes(previous, routing):
+                    self.service.audit.write("file", file=str(self.routing.path), **change)
 
     async def _maintain(self) -> None:
         LOG_GUARD.flush()
@@ -7809,7 +7999,7 @@ async def serve(config: Config, sockets: list[Any] | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("user", "usage"):
+    if argv and argv[0] in ("user", "usage", "audit"):
         return admin_main(argv, dict(os.environ))
     if argv and argv[0] == "upstreams":
         return upstreams_main(argv[1:], dict(os.environ))
