@@ -573,6 +573,8 @@ class Config:
     cors_origins: str = ""
     user_queue_share: float = 0.5
     processes: int = 1
+    prices_file: str = ""
+    currency: str = "USD"
     store: str = ""
 
     def cors(self) -> frozenset[str]:
@@ -713,6 +715,14 @@ def define_options() -> tornado.options.OptionParser:
         "where usage counters live: empty or file: (the data dir), or redis://host:port/db, "
         "rediss://… (TLS), unix:///path.sock; a ?prefix=name shares one Redis between gateways",
     )
+    p.define(
+        "prices-file",
+        d.prices_file,
+        str,
+        "model prices per million tokens (a YAML map, as upstreams.yaml's prices:), for the "
+        "cost in the call log, `usage` and the dashboard",
+    )
+    p.define("currency", d.currency, str, "the currency of the prices (a label)")
     p.define(
         "processes",
         d.processes,
@@ -1458,6 +1468,7 @@ class Usage:
     completion_tokens: int
     total_tokens: int
     estimated: bool = False
+    cached_tokens: int = 0  # of the prompt, read from the provider's cache (priced apart)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -2953,6 +2964,7 @@ class Answer:
     interrupted: str = ""  # why an incomplete stream ended
     upstream: str = ""  # the name of the upstream that answered (routing)
     attempts: int = 1  # upstreams tried, this one included
+    upstream_model: str = ""  # the model name sent upstream (after models: mapping)
 
 
 @dataclass(eq=False)
@@ -3085,7 +3097,7 @@ class CallQueue:
 # Upstream routing (upstreams.yaml): which upstream and key take a call, retries, cooldowns
 # ---------------------------------------------------------------------------------------------
 
-_ROUTING_FIELDS = frozenset({"upstreams", "models", "retries", "cooldown_seconds"})
+_ROUTING_FIELDS = frozenset({"upstreams", "models", "retries", "cooldown_seconds", "prices"})
 _UPSTREAM_FIELDS = frozenset(
     {
         "base_url",
@@ -3115,6 +3127,77 @@ MAX_ROUTES_CACHED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
+class Price:
+    """What a model costs per million tokens (one currency: --currency)."""
+
+    glob: str
+    input: float
+    output: float
+    cached_input: float
+
+
+def parse_prices(doc: Any, where: str = "prices") -> tuple[Price, ...]:
+    """`prices:` {model glob: {input, output, cached_input}}; first match wins."""
+    if doc is None:
+        return ()
+    if not isinstance(doc, dict) or len(doc) > 10_000:
+        raise ConfigError(f"{where} must map model globs to {{input: …, output: …}}")
+    out = []
+    for glob, entry in doc.items():
+        here = f"{where}.{glob}"
+        _glob(where, glob)
+        if not isinstance(entry, dict) or set(entry) - {"input", "output", "cached_input"}:
+            raise ConfigError(f"{here} must be {{input: …, output: …, cached_input: …}}")
+        if "input" not in entry or "output" not in entry:
+            raise ConfigError(f"{here} needs input and output (per million tokens)")
+        values = {k: _number(f"{here}.{k}", v, float, 0, 1e6) for k, v in entry.items()}
+        out.append(
+            Price(
+                glob, values["input"], values["output"], values.get("cached_input", values["input"])
+            )
+        )
+    return tuple(out)
+
+
+def load_prices_file(path: str) -> tuple[Price, ...]:
+    """--prices-file: the same map as upstreams.yaml's `prices:`; empty path: no prices."""
+    if not path:
+        return ()
+    try:
+        doc = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as e:
+        raise ConfigError(f"--prices-file {path}: cannot read it ({type(e).__name__})") from None
+    if isinstance(doc, dict) and set(doc) == {"prices"}:
+        doc = doc["prices"]
+    try:
+        return parse_prices(doc)
+    except ConfigError as e:
+        raise ConfigError(f"--prices-file {path}: {e}") from None
+
+
+def price_of(prices: tuple[Price, ...], model: str) -> Price | None:
+    for price in prices:
+        if fnmatch.fnmatchcase(model, price.glob):
+            return price
+    return None
+
+
+def cost_of(prices: tuple[Price, ...], model: str, usage: Usage) -> float | None:
+    """A call's cost from its prompt (cached part apart) and completion tokens; None when
+    the model has no price ("unpriced")."""
+    price = price_of(prices, model)
+    if price is None:
+        return None
+    fresh = usage.prompt_tokens - usage.cached_tokens
+    cost = (
+        fresh * price.input
+        + usage.cached_tokens * price.cached_input
+        + usage.completion_tokens * price.output
+    ) / 1e6
+    return round(cost, 8)
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSpec:
     """One upstream of upstreams.yaml (or the one the command line describes)."""
 
@@ -3139,6 +3222,7 @@ class RoutingSpec:
     retries: int = 2
     cooldown: float = 30.0
     from_file: bool = False
+    prices: tuple[Price, ...] = ()
 
 
 def default_routing(config: Config) -> RoutingSpec:
@@ -3298,6 +3382,7 @@ def parse_routing(text: str, env: Mapping[str, str], config: Config) -> RoutingS
         retries=_number("retries", doc.get("retries", 2), int, 0, 10),
         cooldown=_number("cooldown_seconds", doc.get("cooldown_seconds", 30), float, 0, 86_400),
         from_file=True,
+        prices=parse_prices(doc.get("prices")),
     )
 
 
@@ -3806,6 +3891,7 @@ class CallRecord:
     upstream_id: str = ""
     upstream: str = ""  # the upstream that answered (routing)
     attempts: int = 0  # upstreams tried (0: none, the call never reached one)
+    cost: float | None = None  # by the price table; None: unpriced or not charged
     call_id: str = ""  # the reservation id in the day's journal
     day: str = ""  # the day the call was charged to (its admission day)
     written: bool = False
@@ -3833,6 +3919,7 @@ class CallRecord:
             "upstream_ms": self.upstream_ms,
             "upstream_request_id": self.upstream_id or None,
             "upstream": self.upstream or None,
+            "cost": self.cost,
             "attempts": self.attempts,
             "id": self.call_id or None,
         }
@@ -4292,11 +4379,14 @@ def _exact_usage(usage: Any) -> Usage | None:
         p, c, t = (
             _count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
         )
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    cached = cached or _count(usage.get("cache_read_input_tokens")) or 0
     if p is not None and c is not None and (t is None or p + c >= t):
-        return Usage(p, c, p + c)  # a total below its parts is not believed
+        return Usage(p, c, p + c, cached_tokens=min(cached, p))  # a total below its parts: no
     if t is not None:
         p = p if p is not None and p <= t else 0
-        return Usage(p, t - p, t)
+        return Usage(p, t - p, t, cached_tokens=min(cached, p))
     return None
 
 
@@ -5020,6 +5110,7 @@ class Service:
         self.router = Router(routing, config, Redactor(config.secrets() + routing_secrets(routing)))
         self._upstream_models: dict[str, tuple[float, list[str]]] = {}
         self._totals = (0, 0)  # today's totals as last read from the store
+        self._file_prices = load_prices_file(config.prices_file)
         self._models_lock = asyncio.Lock()
         self.queue = CallQueue(config.queue_size, config.concurrency, config.user_queue_share)
         self.calls = CallLog(config.data_dir, clock)
@@ -5048,6 +5139,10 @@ class Service:
         if not policy.allows_address(address):
             raise GatewayError(403, MSG_IP_NOT_ALLOWED, {"error": "ip_not_allowed"})
         return user
+
+    def prices(self) -> tuple[Price, ...]:
+        """upstreams.yaml's prices:, else --prices-file's."""
+        return self.router.spec.prices or self._file_prices
 
     def install_routing(self, routing: RoutingSpec) -> None:
         """A new upstreams.yaml: its keys are secrets from now on, everywhere."""
@@ -5168,6 +5263,7 @@ class Service:
                 answer.upstream_id,
             )
             rec.upstream, rec.attempts = answer.upstream, answer.attempts
+            rec.cost = cost_of(self.prices(), answer.upstream_model or job.model, answer.usage)
             rec.error = answer.interrupted
             rec.status = 499 if answer.interrupted == "client_closed_request" else 200
             self.record_call(rec)
@@ -5223,7 +5319,12 @@ class Service:
             finally:
                 router.release(channel)
             router.succeeded(channel, key, time.monotonic() - t0)
-            return dataclasses.replace(answer, upstream=channel.name, attempts=len(attempts) + 1)
+            return dataclasses.replace(
+                answer,
+                upstream=channel.name,
+                attempts=len(attempts) + 1,
+                upstream_model=route.model,
+            )
         assert last is not None
         raise UpstreamFailure(
             last.status,
@@ -7314,7 +7415,16 @@ def _admin_parser() -> argparse.ArgumentParser:
     usage = sub.add_parser("usage", help="requests and tokens per user per day", parents=[common])
     when = usage.add_mutually_exclusive_group()
     when.add_argument("--date", help="one day, YYYY-MM-DD")
-    when.add_argument("--days", type=int, default=1, help="the last N days up to today (1)")
+    when.add_argument("--days", type=int, default=None, help="the last N days up to today (1)")
+    when.add_argument("--month", help="one month, YYYY-MM")
+    when.add_argument("--from", dest="start", help="from this day, YYYY-MM-DD (with --to)")
+    usage.add_argument("--to", dest="end", help="to this day, YYYY-MM-DD (default: today)")
+    usage.add_argument(
+        "--by",
+        default="",
+        help="group by user, model, day, comma-separated (e.g. user,model); from the call log, "
+        "with cost",
+    )
     usage.add_argument("--user", help="only this user")
     usage.add_argument("--format", choices=formats, default="table")
     audit = sub.add_parser(
@@ -7497,6 +7607,56 @@ class Admin:
                     rows.append({"date": day, "user": name, "requests": requests, "tokens": tokens})
         return rows
 
+    def span(self, args: argparse.Namespace) -> list[str]:
+        """The days a `usage` command asks for: --date, --days, --month or --from/--to."""
+        today = date.fromisoformat(self.clock.today())
+        try:
+            if args.month:
+                first = date.fromisoformat(args.month + "-01")
+                nxt = (first.replace(day=28) + timedelta(days=4)).replace(day=1)
+                last = min(nxt - timedelta(days=1), today)
+            elif args.start:
+                first = date.fromisoformat(args.start)
+                last = date.fromisoformat(args.end) if args.end else today
+            else:
+                return self.days(args.date, args.days or 1)
+        except ValueError:
+            raise ConfigError("--month is YYYY-MM, --from and --to YYYY-MM-DD") from None
+        if not 0 <= (last - first).days <= 3660:
+            raise ConfigError("the span must run forwards, at most 3660 days")
+        return [(first + timedelta(days=n)).isoformat() for n in range((last - first).days + 1)]
+
+    def report_rows(self, days: list[str], by: list[str], user: str | None) -> list[dict[str, Any]]:
+        """Charged calls from the call log (data/calls/), grouped: requests, tokens, cost
+        (the sum of the priced calls) and how many calls had no price."""
+        log_ = CallLog(str(self.audit.dir.parent), self.clock)
+        groups: dict[tuple[str, ...], list[Any]] = {}
+        for day in days:
+            for line in log_.read(day):
+                if not (line.get("status") == 200 or line.get("partial")) or not line.get("user"):
+                    continue
+                if user is not None and line["user"] != user:
+                    continue
+                key = tuple(day if b == "day" else str(line.get(b) or "") for b in by)
+                g = groups.setdefault(key, [0, 0, 0.0, 0])
+                g[0] += 1
+                g[1] += int(line.get("total_tokens") or 0)
+                cost = line.get("cost")
+                if isinstance(cost, int | float):
+                    g[2] += cost
+                else:
+                    g[3] += 1
+        return [
+            {
+                **dict(zip(by, key, strict=True)),
+                "requests": r,
+                "tokens": t,
+                "cost": round(c, 6),
+                "unpriced": u,
+            }
+            for key, (r, t, c, u) in sorted(groups.items())
+        ]
+
     def days(self, on: str | None, last: int) -> list[str]:
         if on is not None:
             try:
@@ -7540,8 +7700,24 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
             print(_emit(rows, args.format, ["time", "actor", "action", "target", "fields"]))
             return EXIT_OK
         if args.command == "usage":
-            rows = run(admin.usage_rows(admin.days(args.date, args.days), args.user))
-            print(_emit(rows, args.format, ["date", "user", "requests", "tokens"]), file=out)
+            days = admin.span(args)
+            if args.by:
+                by = [b.strip() for b in args.by.split(",") if b.strip()]
+                if not by or set(by) - {"user", "model", "day"} or len(set(by)) != len(by):
+                    raise ConfigError("--by takes user, model and day, comma-separated")
+                rows = admin.report_rows(days, by, args.user)
+                columns = [*by, "requests", "tokens", "cost", "unpriced"]
+                print(_emit(rows, args.format, columns), file=out)
+                return EXIT_OK
+            rows = run(admin.usage_rows(days, args.user))
+            costs = {
+                (r["day"], r["user"]): r["cost"]
+                for r in admin.report_rows(days, ["day", "user"], args.user)
+            }
+            for row in rows:
+                row["cost"] = costs.get((row["date"], row["user"]), 0.0)
+            columns = ["date", "user", "requests", "tokens", "cost"]
+            print(_emit(rows, args.format, columns), file=out)
             return EXIT_OK
         action, name = args.action, str(getattr(args, "name", ""))
         if action == "add":

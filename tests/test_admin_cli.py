@@ -215,7 +215,8 @@ async def test_round_trip_against_a_running_gateway(penv: Env, procs, tmp_path: 
     assert [(r["user"], r["requests"], r["tokens"]) for r in json.loads(out)] == [("dave", 7, 105)]
     code, out, _ = await cli(penv, "usage", "--format", "csv", "--days", "3")
     lines = out.strip().splitlines()
-    assert lines[0] == "date,user,requests,tokens" and lines[-1].endswith(",dave,7,105")
+    # cost: 0.0, since no prices are set (the call log prices calls; see test_cost.py)
+    assert lines[0] == "date,user,requests,tokens,cost" and lines[-1].endswith(",dave,7,105,0.0")
     # …and it agrees with the call log, line for line.
     logged = [json.loads(x) for x in _call_log(penv).read_text().splitlines()]
     charged = [x for x in logged if x["user"] == "dave" and x["status"] == 200]
@@ -254,7 +255,11 @@ async def test_usage_formats_on_an_empty_data_dir(tmp_path: Path, fmt: str) -> N
     commented(tmp_path)
     code, out, err = await cli(tmp_path, "usage", "--days", "14", "--format", fmt)
     assert code == 0, err
-    assert out.strip() in ("date  user  requests  tokens", "date,user,requests,tokens", "[]")
+    assert out.strip() in (
+        "date  user  requests  tokens  cost",
+        "date,user,requests,tokens,cost",
+        "[]",
+    )
     assert not (tmp_path / "data").exists()  # reading creates nothing
 
 
