@@ -3654,7 +3654,7 @@ class Router:
             if best is not None:
                 best.current -= total
                 best.in_flight += 1
-                if best.failures_in_row >= FAILURES_BEFORE_REST:
+                if best.failures_in_row >= FAILURES_BEFORE_REST and best.resting_until:
                     best.trial = True  # back from rest: this call decides
                 return best, best.take(best_key)
         return None
@@ -4772,6 +4772,7 @@ class SSERelay:
         self._escaped: Any = None  # the last event's JSON, when it holds \\u escapes
         self.retry_after: float | None = None
         self.overflow = False  # more than max_event bytes came after the closing event
+        self.keep_reading = False  # read on for the usage even if the client leaves
 
     def on_header(self, line: str) -> None:
         if line.startswith("HTTP/"):
@@ -4783,7 +4784,7 @@ class SSERelay:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take a piece of the upstream's body; return the complete events to forward."""
-        if self.sink.left and not self.finished:
+        if self.sink.left and not (self.finished or self.keep_reading):
             # Cancelled mid-generation. After the last choice finished, the rest (the usage
             # chunk) is still read, so that a client leaving then is charged exact usage.
             raise ClientLeft("client disconnected; upstream call cancelled")
@@ -4835,7 +4836,7 @@ class SSERelay:
             try:
                 await self.sink.send(data)
             except ClientLeft:
-                if not self.finished:
+                if not (self.finished or self.keep_reading):
                     raise
         if self.cut:
             raise EventTooLarge(self.cut)  # the events before it were sent first
@@ -4918,8 +4919,9 @@ class SSERelay:
             self.finished = self.done = True
         elif kind in ("response.output_item.done", "response.output_text.done"):
             # The answer is written: a client that leaves now is still charged the usage
-            # that response.completed brings, so the rest is read.
-            self.finished = True
+            # that response.completed brings, so the rest is read (the stream is whole only
+            # when response.completed comes).
+            self.keep_reading = True
 
     def _anthropic_event(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
@@ -5345,7 +5347,13 @@ class Service:
         job.max_tokens = given if type(given) is int and given > 0 else 0
         # n (and completions' best_of) answers: each may use max_tokens.
         choices = max(
-            (v for k in ("n", "best_of") if type(v := request.get(k)) is int and 0 < v <= 1000),
+            (
+                int(v)
+                for k in ("n", "best_of")
+                if isinstance(v := request.get(k), int | float)
+                and not isinstance(v, bool)
+                and 0 < v <= 1000
+            ),
             default=1,
         )
         job.choices = choices if field else 1

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,17 @@ import tornado.httpserver
 import tornado.testing
 import tornado.web
 import yaml
-from conftest import ALICE_KEY, ALL_SECRETS, ROOT, Client, Env, FakeUpstream, data_text, free_port
+from conftest import (
+    ALICE_KEY,
+    ALL_SECRETS,
+    BOB_KEY,
+    ROOT,
+    Client,
+    Env,
+    FakeUpstream,
+    data_text,
+    free_port,
+)
 from conftest import _ChatHandler as ChatHandler
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -39,6 +50,9 @@ K4 = "sk-canary-ROUTE-uvwxyz0000"
 K5 = "sk-canary-ROUTE-reloaded01"
 ROUTE_KEYS = (K1, K2, K3, K4, K5)
 BIG_LIMITS = {"api_key": ALICE_KEY, "daily_request_limit": 100_000, "daily_token_limit": 10**9}
+# A second user: an upstream rests only after failures in a row from at least two users.
+BOB_LIMITS = {**BIG_LIMITS, "api_key": BOB_KEY}
+TWO_USERS = (ALICE_KEY, BOB_KEY, ALICE_KEY)  # three failing calls, from two users
 
 
 # ---------------------------------------------------------------- fake upstreams
@@ -46,12 +60,14 @@ BIG_LIMITS = {"api_key": ALICE_KEY, "daily_request_limit": 100_000, "daily_token
 
 @dataclass
 class Fake(FakeUpstream):
-    """conftest's FakeUpstream, plus: its own model list, keys it refuses (401), and error
-    bodies (and non-stream replies) that echo the key it was sent."""
+    """conftest's FakeUpstream, plus: its own model list, keys it refuses (401, for calls and
+    for its model list), the keys its model list was asked with, and error bodies (and
+    non-stream replies) that echo the key it was sent."""
 
     model_ids: list[str] = field(default_factory=lambda: ["m1", "m2"])
     refused: set[str] = field(default_factory=set)
     echo_key: bool = False
+    models_keys: list[str] = field(default_factory=list)  # the key of each GET /models
 
     def keys_sent(self) -> list[str]:
         return [sent_key(h) for h, _ in self.requests]
@@ -71,6 +87,7 @@ class _Handler(ChatHandler):
         fake = self.fake
         fake.models_calls += 1
         key = sent_key(dict(self.request.headers))
+        fake.models_keys.append(key)
         if key in fake.refused:
             self.set_status(401)
             self.finish({"error": {"message": f"invalid key {key}", "type": "auth"}})
@@ -160,7 +177,7 @@ def refused_url() -> str:
 
 
 async def start(senv: Env, doc: Any, **overrides: Any) -> Client:
-    senv.write_users({"alice": BIG_LIMITS})
+    senv.write_users({"alice": BIG_LIMITS, "bob": BOB_LIMITS})
     path = senv.tmp / "upstreams.yaml"
     write_yaml(path, doc)
     return await senv.start(upstreams_file=str(path), **overrides)
@@ -170,6 +187,11 @@ def router(senv: Env) -> gateway.Router:
     service = senv.gateways[-1].service
     assert service is not None
     return service.router
+
+
+def key_state(senv: Env, upstream: str, secret: str) -> gateway.KeyState:
+    (key,) = [k for k in router(senv).channels[upstream].keys if k.secret == secret]
+    return key
 
 
 async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -495,9 +517,10 @@ async def test_all_resting_fails_at_once_with_retry_after(
 ) -> None:
     a = fakes(status=500)
     client = await start(senv, {"upstreams": {"a": up(a)}, "retries": 0, "cooldown_seconds": 30})
-    for _ in range(3):
-        assert (await client.call(chat()))[0] == 502
+    for key in TWO_USERS:  # three answered 5xx in a row, from two users: a rests
+        assert (await client.call(chat(), key=key))[0] == 502
     assert len(a.requests) == 3
+    assert router(senv).channels["a"].resting_until > 0
     t0 = time.monotonic()
     status, doc, headers = await client.call(chat())
     assert time.monotonic() - t0 < 1.0  # no 30 s wait
@@ -511,8 +534,9 @@ async def test_all_resting_fails_at_once_with_retry_after(
 async def test_all_resting_briefly_the_call_waits(senv: Env, fakes: Callable[..., Fake]) -> None:
     a = fakes(status=500)
     client = await start(senv, {"upstreams": {"a": up(a)}, "retries": 0, "cooldown_seconds": 1.5})
-    for _ in range(3):
-        assert (await client.call(chat()))[0] == 502
+    for key in TWO_USERS:
+        assert (await client.call(chat(), key=key))[0] == 502
+    assert router(senv).channels["a"].resting_until > 0
     a.status = 200
     t0 = time.monotonic()
     await ok(client)  # rests 1.5 s (< 3 s): the call waits for it, then it answers
@@ -597,8 +621,8 @@ async def test_cooldown_and_one_trial_call(senv: Env, fakes: Callable[..., Fake]
         },
         admin_key=ADMIN_KEY,
     )
-    for _ in range(3):
-        await ok(client)
+    for key in TWO_USERS:  # answered 5xx from two users: a rests after the third
+        await ok(client, key=key)
     assert (len(a.requests), len(b.requests)) == (3, 3)
     m = await scrape(client)
     assert m['gateway_upstream_state{upstream="a"}'] == 1  # resting
@@ -609,7 +633,8 @@ async def test_cooldown_and_one_trial_call(senv: Env, fakes: Callable[..., Fake]
         await ok(client)
     assert (len(a.requests), len(b.requests)) == (3, 6)  # a rests: calls go elsewhere
 
-    # After the cooldown, one trial call; it fails: a rests again at once (not after 3).
+    # After the cooldown, one trial call; it fails: a rests again at once (not after 3, and
+    # although the trial's failure comes from one user alone).
     await asyncio.sleep(max(0.0, t0 + 1.1 - time.monotonic()))
     await ok(client)
     assert (len(a.requests), len(b.requests)) == (4, 7)
@@ -639,8 +664,27 @@ async def test_cooldown_and_one_trial_call(senv: Env, fakes: Callable[..., Fake]
 async def test_key_pool_turns_401_disables_reload_and_admin_reenable(
     senv: Env, fakes: Callable[..., Fake], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A 401 sends the call on to the next key at once; the refused key is taken out of use
+    only when its own model-list request (GET /models, in the background) is refused too.
+    A refused key is checked at most once per cooldown_seconds (here 1 s)."""
     a = fakes()
-    doc = {"upstreams": {"a": up(a, [K1, K2])}}
+    doc = {"upstreams": {"a": up(a, [K1, K2])}, "cooldown_seconds": 1}
+
+    def k1_disabled() -> bool:
+        return bool(key_state(senv, "a", K1).disabled)
+
+    async def refuse_k1_again() -> None:
+        """Refuse K1 (calls and model list) once its last check is a cooldown old, then
+        make calls until the check has taken it out of use."""
+        a.refused = {K1}
+        checked = key_state(senv, "a", K1).checked_at
+        await asyncio.sleep(max(0.0, checked + 1.1 - time.monotonic()))
+        checks = len(a.models_keys)
+        for _ in range(2):
+            await ok(client)
+        await until(k1_disabled, "K1's model-list check")
+        assert a.models_keys[checks:] == [K1]  # one check, with the refused key
+
     with caplog.at_level(logging.INFO):
         client = await start(senv, doc, admin_key=ADMIN_KEY)
         for _ in range(4):
@@ -651,6 +695,8 @@ async def test_key_pool_turns_401_disables_reload_and_admin_reenable(
         await ok(client)  # K1: 401, then K2 answers
         assert a.keys_sent()[4:] == [K1, K2]
         assert log_lines(senv)[-1]["attempts"] == 2
+        await until(k1_disabled, "K1's model-list check")
+        assert a.models_keys == [K1]  # checked with its own key, once
         for _ in range(4):
             await ok(client)
         assert a.keys_sent()[6:] == [K2] * 4  # K1 is out of use
@@ -669,10 +715,7 @@ async def test_key_pool_turns_401_disables_reload_and_admin_reenable(
         assert set(a.keys_sent()[10:]) == {K1, K2}
 
         # Refused again; an admin re-enables it by fingerprint.
-        a.refused = {K1}
-        for _ in range(2):
-            await ok(client)
-        assert any(k.disabled for k in router(senv).channels["a"].keys)
+        await refuse_k1_again()
         a.refused = set()
         admin = Admin(client)
         await admin.login()
@@ -702,9 +745,7 @@ async def test_key_pool_turns_401_disables_reload_and_admin_reenable(
         assert set(a.keys_sent()[sent:]) == {K1, K2}
 
         # Refused again; a file change to the upstream's own settings brings it back too.
-        a.refused = {K1}
-        for _ in range(2):
-            await ok(client)
+        await refuse_k1_again()
         a.refused = set()
         doc["upstreams"]["a"]["timeout"] = 60
         await rewrite(senv, doc)
@@ -721,6 +762,174 @@ async def test_key_pool_turns_401_disables_reload_and_admin_reenable(
         assert secret not in logs
         assert secret not in outputs
         assert secret not in data_text(senv.data_dir)
+
+
+# ---------------------------------------------------------------- 8b. one user cannot take
+# upstreams or keys out of service (answered 5xx from two users, 401/403 checked, 429 capped)
+
+
+# One user's failing calls never rest an upstream, however many in a row (the fourth once did:
+# it was taken for a trial call back from a rest that never happened).
+async def test_one_users_failures_never_rest_an_upstream_two_users_do(
+    senv: Env, fakes: Callable[..., Fake]
+) -> None:
+    a, b = fakes(status=500), fakes()
+    client = await start(senv, {"upstreams": {"a": up(a, priority=0), "b": up(b, K2, priority=1)}})
+    for n in range(1, 11):  # alice's request draws a 500 from a, ten times in a row
+        await ok(client)
+        assert (len(a.requests), len(b.requests)) == (n, n)
+    ch = router(senv).channels["a"]
+    assert (ch.failures_in_row, ch.resting_until) == (10, 0.0)
+    assert ch.state(time.monotonic()) == "ok"
+    assert [(x["upstream"], x["attempts"]) for x in log_lines(senv)] == [("b", 2)] * 10
+    # Another user's next call still goes to a first; its failure is the second user's:
+    # now a rests.
+    await ok(client, key=BOB_KEY)
+    assert (len(a.requests), len(b.requests)) == (11, 11)
+    assert ch.resting_until > time.monotonic() + 20  # the default cooldown, 30 s
+    await ok(client)
+    assert (len(a.requests), len(b.requests)) == (11, 12)  # straight to b
+    assert log_lines(senv)[-1]["attempts"] == 1
+    assert await stats(client) == (12, 12 * 15)
+
+
+async def test_connect_errors_from_one_user_rest_an_upstream(
+    senv: Env, fakes: Callable[..., Fake]
+) -> None:
+    """No request chooses a refused connection: it counts as another user's failure."""
+    b = fakes()
+    client = await start(
+        senv, {"upstreams": {"a": up(refused_url(), priority=0), "b": up(b, K2, priority=1)}}
+    )
+    for _ in range(3):
+        await ok(client)
+    assert router(senv).channels["a"].resting_until > time.monotonic()
+    await ok(client)
+    assert [x["attempts"] for x in log_lines(senv)] == [2, 2, 2, 1]
+
+
+async def test_a_request_specific_403_never_disables_the_key(
+    senv: Env, fakes: Callable[..., Fake], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream refuses this request (403) but its model list with the same key is
+    fine: the key stays in use, and is checked at most once per cooldown."""
+    a = fakes(status=403)  # 403 to chat calls; GET /models answers 200
+    b = fakes()
+    client = await start(senv, {"upstreams": {"a": up(a, priority=0), "b": up(b, K2, priority=1)}})
+    with caplog.at_level(logging.INFO):
+        await ok(client)  # a: 403, then b
+        assert (len(a.requests), len(b.requests)) == (1, 1)
+        await until(lambda: a.models_calls == 1, "the key's model-list check")
+        assert a.models_keys == [K1]
+        await until(lambda: not router(senv)._checks, "the check's answer")
+        key = key_state(senv, "a", K1)
+        assert not key.disabled
+        for _ in range(5):  # more 403s within the cooldown (30 s): no more checks
+            await ok(client)
+        assert (len(a.requests), len(b.requests)) == (6, 6)  # a's key is tried every time
+        await asyncio.sleep(0.1)
+        assert a.models_calls == 1
+        assert not key.disabled
+        a.status = 200
+        for _ in range(2):
+            await ok(client)
+        assert (len(a.requests), len(b.requests)) == (8, 6)
+        assert a.keys_sent() == [K1] * 8
+        assert [x["upstream"] for x in log_lines(senv)][-2:] == ["a", "a"]
+    assert "refused key" not in caplog.text
+
+
+async def test_429_retry_after_rests_a_key_at_most_60_s(
+    senv: Env, fakes: Callable[..., Fake]
+) -> None:
+    a = fakes(status=429, headers={"Retry-After": "3600"})
+    b = fakes()
+    client = await start(
+        senv,
+        {
+            "upstreams": {"a": up(a, priority=0), "b": up(b, K2, priority=1)},
+            "cooldown_seconds": 600,
+        },
+        admin_key=ADMIN_KEY,
+    )
+    await ok(client)
+    assert (len(a.requests), len(b.requests)) == (1, 1)
+    assert gateway.MAX_KEY_REST == 60
+    rest = key_state(senv, "a", K1).resting_until - time.monotonic()
+    assert 55 < rest <= 60, rest
+    admin = Admin(client)
+    await admin.login()
+    code, state = await admin.request("/admin/api/state")
+    assert code == 200
+    row = next(r for r in json.loads(state)["data"]["upstreams"] if r["name"] == "a")
+    (key,) = row["keys"]
+    assert key["state"] == "resting"
+    until_wall = datetime.fromisoformat(key["resting_until"]).timestamp()
+    assert 50 < until_wall - time.time() <= 61, key["resting_until"]
+    a.status, a.headers = 200, {}
+    await ok(client)  # still resting: straight to b
+    assert (len(a.requests), len(b.requests)) == (1, 2)
+    # Without Retry-After, the cooldown (600 s here) is capped the same way.
+    a.status = 429
+    key_state(senv, "a", K1).resting_until = 0.0
+    await ok(client)
+    rest = key_state(senv, "a", K1).resting_until - time.monotonic()
+    assert 55 < rest <= 60, rest
+
+
+async def test_529_is_retried_on_another_upstream(senv: Env, fakes: Callable[..., Fake]) -> None:
+    a, b = fakes(status=529), fakes()  # 529: Anthropic's "overloaded"
+    client = await start(senv, {"upstreams": {"a": up(a, priority=0), "b": up(b, K2, priority=1)}})
+    doc = await ok(client)
+    assert doc["data"]["usage"]["total_tokens"] == 15
+    assert (len(a.requests), len(b.requests)) == (1, 1)
+    (line,) = log_lines(senv)
+    assert (line["upstream"], line["attempts"], line["status"]) == ("b", 2, 200)
+    assert router(senv).channels["a"].failures == 1
+
+
+class _Redirect(tornado.web.RequestHandler):
+    def initialize(self, target: str, hits: list[str]) -> None:
+        self.target, self.hits = target, hits
+
+    def post(self) -> None:
+        self.hits.append(self.request.path)
+        self.redirect(self.target, status=302)
+
+    def get(self) -> None:
+        self.post()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_redirect_is_not_followed(
+    senv: Env, fakes: Callable[..., Fake], stream: bool
+) -> None:
+    """An upstream's 302 would take the team's key and the user's body to another host: the
+    gateway does not follow it; the client gets a 502 and the target hears nothing."""
+    target = fakes()  # the redirect's target, not in upstreams.yaml
+    hits: list[str] = []
+    app = tornado.web.Application(
+        [(r"/v1/.*", _Redirect, {"target": target.url + "/chat/completions", "hits": hits})]
+    )
+    sock, port = tornado.testing.bind_unused_port("127.0.0.1")
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets([sock])
+    try:
+        client = await start(senv, {"upstreams": {"a": up(f"http://127.0.0.1:{port}/v1")}})
+        if stream:
+            code, _, text = await stream_call(client, chat())
+            assert code == 502, text
+        else:
+            code, doc, _ = await client.call(chat())
+            assert code == 502, doc
+            assert doc["data"]["upstream_status"] == 302
+        assert hits == ["/v1/chat/completions"]
+        await asyncio.sleep(0.1)
+        assert (len(target.requests), target.models_calls) == (0, 0)
+        assert await stats(client) == (0, 0)
+    finally:
+        server.stop()
+        await server.close_all_connections()
 
 
 # ---------------------------------------------------------------- 9-10. models
@@ -922,8 +1131,8 @@ async def test_rest_and_figures_survive_a_reload(senv: Env, fakes: Callable[...,
         "cooldown_seconds": 30,
     }
     client = await start(senv, doc)
-    for _ in range(3):
-        await ok(client)
+    for key in TWO_USERS:
+        await ok(client, key=key)
     assert router(senv).channels["a"].resting_until > 0
     a.status = 200
     # Another upstream added: a is unchanged and still rests.
@@ -957,7 +1166,11 @@ async def test_hot_reload_under_load_loses_nothing(senv: Env, fakes: Callable[..
         {"upstreams": {"b": up(b, K2), "c": up(c, K3, weight=2)}},
         {"upstreams": {"a": up(a, weight=1, timeout=60), "c": up(c, K3, weight=1)}},
     ]
-    client = await start(senv, docs[0], admin_key=ADMIN_KEY, shutdown_timeout=2)
+    # One user sends all 200: --user-queue-share would refuse some with 503 (32 workers + 128
+    # waiting) whenever all of them arrive before the first answers.
+    client = await start(
+        senv, docs[0], admin_key=ADMIN_KEY, shutdown_timeout=2, user_queue_share=1.0
+    )
     calls = asyncio.gather(*(client.call(chat()) for _ in range(200)))
     for doc in docs[1:]:
         await asyncio.sleep(0.05)
@@ -1096,8 +1309,10 @@ async def test_route_keys_appear_nowhere(
     }
     seen: list[str] = []
 
-    async def call(path: str = "/api/call.php", expect: int = 200) -> dict[str, Any]:
-        status, answer, headers = await client.call(chat(), path=path)
+    async def call(
+        path: str = "/api/call.php", expect: int = 200, key: str = ALICE_KEY
+    ) -> dict[str, Any]:
+        status, answer, headers = await client.call(chat(), path=path, key=key)
         assert status == expect, answer
         seen.extend([json.dumps(answer, ensure_ascii=False), json.dumps(dict(headers))])
         return answer
@@ -1112,21 +1327,27 @@ async def test_route_keys_appear_nowhere(
         c.status = 400
         answer = await call("/v1/chat/completions", 400)
         assert "no (400) for key" in answer["error"]["message"]
-        answer = await call("/api/call.php", 502)  # a's third failure: it rests
+        # a's third failure, the first from another user: it rests.
+        answer = await call("/api/call.php", 502, key=BOB_KEY)
         assert answer["data"]["upstream_status"] == 400
+        assert router(senv).channels["a"].resting_until > 0
         assert a.keys_sent() == [K1, K2, K1] and len(c.requests) == 3
         c.status = 200
         code, _, text = await stream_call(client, chat())
         assert code == 200 and "data: [DONE]" in text
         seen.append(text)
-        c.status = 401  # c's key is refused: disabled, logged by fingerprint
+        # c's key is refused, for calls and its model list (the 401 echoes the key): the
+        # background check disables it, logged by fingerprint.
+        c.refused = {K4}
         answer = await call("/api/call.php", 502)
         assert answer["data"]["attempts"][-1]["status"] == 401
+        await until(lambda: bool(key_state(senv, "c", K4).disabled), "c's key check")
+        assert c.models_keys[-1] == K4
         # A reload brings in a new key, echoed too.
         d = fakes(status=500, echo_key=True)
         doc["upstreams"]["d"] = up(d, K5, priority=0)
         await rewrite(senv, doc)
-        c.status = 200
+        c.refused = set()
         answer = await call()
         assert len(d.requests) == 1 and answer["data"]["response"]["id"] != f"chatcmpl-{K4}"
         resp = await client.http.fetch(client.base + "/v1/models", headers={"X-API-Key": ALICE_KEY})
