@@ -2400,8 +2400,9 @@ return {req, tok, reserved, held}
 """
 )
 _REDIS_RELEASE = """
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZREM', KEYS[2], ARGV[1])  -- only an open call gives its minute's place back
+end
 return 1
 """
 _REDIS_COUNTS = (
@@ -2480,6 +2481,7 @@ class RedisStore(UsageStore):
         self._seen: dict[tuple[str, str], Counts] = {}
         self._listed: set[tuple[str, str]] = set()  # (day, user) already in the day's user set
         self._totals: dict[str, tuple[float, tuple[int, int]]] = {}
+        self._listed_at = time.monotonic()
         self._renewing: asyncio.Task[None] | None = None
         self.problem = ""  # the last failure, until a call succeeds
 
@@ -2583,6 +2585,7 @@ class RedisStore(UsageStore):
             result = await self._call("settle", settle)
         finally:
             self._ours.pop(res.id, None)
+            self._totals.clear()
         counts = Counts(*(int(x) for x in result))
         self._seen[(res.user, res.day)] = counts
         return counts
@@ -2634,6 +2637,7 @@ class RedisStore(UsageStore):
         await self._scripts["counts"](keys=[c, o], args=["reset"], client=pipe)
         pipe.sadd(self._day(day, "users"), user)
         result = (await self._call("reset", pipe.execute()))[0]
+        self._totals.clear()
         return Counts(*(int(x) for x in result))
 
     async def usage(self, day: str) -> dict[str, tuple[int, int]]:
@@ -2669,6 +2673,11 @@ class RedisStore(UsageStore):
     async def maintain(self, today: str) -> None:
         if self.problem:  # a quiet moment: see whether Redis is back
             await self._call("ping", self._redis.ping())
+        # List every user again from time to time: if Redis lost its data (a restart without
+        # persistence, a failover), the day's user list is rebuilt by the next calls.
+        if time.monotonic() - self._listed_at > 30:
+            self._listed.clear()
+            self._listed_at = time.monotonic()
 
 
 def open_store(url: str, data_dir: str, clock: DayClock, fsync: bool = False) -> UsageStore:
