@@ -2481,7 +2481,7 @@ class RedisStore(UsageStore):
         self._seen: dict[tuple[str, str], Counts] = {}
         self._listed: set[tuple[str, str]] = set()  # (day, user) already in the day's user set
         self._totals: dict[str, tuple[float, tuple[int, int]]] = {}
-        self._listed_at = time.monotonic()
+        self._active: set[tuple[str, str]] = set()  # (day, user) who called since maintain()
         self._renewing: asyncio.Task[None] | None = None
         self.problem = ""  # the last failure, until a call succeeds
 
@@ -2539,6 +2539,7 @@ class RedisStore(UsageStore):
         policy = user.policy
         self._seq += 1
         rid = f"{self.owner}-{self._seq}"
+        self._active.add((day, user.name))
         first = (day, user.name) not in self._listed
         pipe = self._redis.pipeline(transaction=False) if first else None
         reserve = self._scripts["reserve"](
@@ -2673,11 +2674,16 @@ class RedisStore(UsageStore):
     async def maintain(self, today: str) -> None:
         if self.problem:  # a quiet moment: see whether Redis is back
             await self._call("ping", self._redis.ping())
-        # List every user again from time to time: if Redis lost its data (a restart without
-        # persistence, a failover), the day's user list is rebuilt by the next calls.
-        if time.monotonic() - self._listed_at > 30:
-            self._listed.clear()
-            self._listed_at = time.monotonic()
+        # List again every user who called since the last time (one pipeline): if Redis lost
+        # its data (a restart without persistence, a failover), the day's user list is whole
+        # again within a maintenance round.
+        active, self._active = self._active, set()
+        if active:
+            pipe = self._redis.pipeline(transaction=False)
+            for day, name in active:
+                pipe.sadd(self._day(day, "users"), name)
+                pipe.zadd(f"{self.prefix}:days", {day: 0})
+            await self._call("list users", pipe.execute())
 
 
 def open_store(url: str, data_dir: str, clock: DayClock, fsync: bool = False) -> UsageStore:
