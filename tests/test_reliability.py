@@ -282,7 +282,8 @@ async def test_oversized_headers_get_a_431_and_cost_nothing(env: Env) -> None:
 @pytest.mark.slow
 async def test_backpressure_overflow_is_refused_fast_and_free(env: Env) -> None:
     env.upstream.delay = 1.0
-    client = await env.start(concurrency=4, queue_size=8)
+    # One user may fill the whole room here (the per-user share is tested in test_policy).
+    client = await env.start(concurrency=4, queue_size=8, user_queue_share=1.0)
 
     async def timed() -> tuple[int, float]:
         t0 = time.monotonic()
