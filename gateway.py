@@ -6371,7 +6371,107 @@ class AdminBase(BaseHandler):
         self.set_header("X-Frame-Options", "DENY")
         self.set_header("Referrer-Policy", "same-origin")  # no-referrer makes Origin "null"
         token = self.xsrf_token.decode()
+        lang = page_language(
+            self.get_query_argument("lang", None), self.request.headers.get("Accept-Language", "")
+        )
+        self.set_header("Content-Language", lang)
+        self.set_header("Vary", "Accept-Language")
+        html = translate_page(html, lang)
         self.finish(html.replace("{{nonce}}", nonce).replace("{{xsrf}}", token))
+
+
+# The dashboard in Chinese: the page's words (HTML text between tags) and the script's, by
+# their English. Every visible word of the page has an entry (tests/test_dashboard_i18n.py).
+DASHBOARD_ZH = {
+    "Gateway admin": "网关管理",
+    "LLM gateway": "大模型网关",
+    "Log out": "退出登录",
+    "Log in": "登录",
+    "Admin key": "管理密钥",
+    "Wrong admin key.": "管理密钥错误。",
+    "Too many wrong keys. Try again in": "错误密钥过多，请稍后重试，秒数：",
+    "Queue": "队列",
+    "In flight": "进行中",
+    "Upstream latency (p50 / p95)": "上游延迟 (p50 / p95)",
+    "Today, all users": "今天，全部用户",
+    "Users today": "今日用户",
+    "Last 14 days": "最近 14 天",
+    "requests": "请求",
+    "tokens": "Token",
+    "Upstreams": "上游",
+    "Upstream": "上游",
+    "State": "状态",
+    "Calls": "调用",
+    "Failures": "失败",
+    "Latency": "延迟",
+    "Last error": "最近错误",
+    "Keys": "密钥",
+    "Last failed calls": "最近失败的调用",
+    "Time": "时间",
+    "User": "用户",
+    "Endpoint": "接口",
+    "Model": "模型",
+    "Status": "状态码",
+    "Reason": "原因",
+    "No failed calls.": "没有失败的调用。",
+    "Recent changes": "最近的变更",
+    "By": "执行者",
+    "Action": "操作",
+    "Target": "对象",
+    "Fields": "字段",
+    "No changes recorded.": "没有变更记录。",
+    # the script's words
+    "Reset today's counters of ": "确定要重置今天的计数吗：",
+    "?": "？",
+    "enabled": "已启用",
+    "disabled": "已停用",
+    "enable": "启用",
+    "disable": "停用",
+    "reset today": "重置今天",
+    "Requests": "请求",
+    "Tokens": "Token",
+    " requests, ": " 次请求，",
+    " tokens": " Token",
+    " waiting": " 等待中",
+    " workers": " 个工作者",
+    " requests": " 次请求",
+    " calls": " 次调用",
+    "re-enable": "重新启用",
+    " in flight": " 个进行中",
+    " tokens held": " Token 占用",
+    " until ": " 直到 ",
+    " now": " 进行中",
+    "unreachable": "无法连接",
+    "running": "运行中",
+    "stopping": "正在停止",
+    "store_unavailable": "存储不可用",
+    "ok": "正常",
+    "resting": "休息中",
+}
+LANGUAGES = ("en", "zh-CN")
+
+
+def page_language(query: str | None, accept: str) -> str:
+    """?lang=en|zh-CN, else the first of the browser's Accept-Language that we speak."""
+    if query in LANGUAGES:
+        return query
+    for part in accept.split(","):
+        tag = part.split(";")[0].strip().lower()
+        if tag.startswith("zh"):
+            return "zh-CN"
+        if tag.startswith("en"):
+            return "en"
+    return "en"
+
+
+def translate_page(html: str, lang: str) -> str:
+    """The page in `lang`: its HTML words swapped (between tags, whole), the script's words
+    given to it as JSON, and <html lang>."""
+    words = DASHBOARD_ZH if lang == "zh-CN" else {}
+    for english, chinese in words.items():
+        html = html.replace(f">{english}<", f">{chinese}<")
+    data = json.dumps(words, ensure_ascii=False).replace("<", "\\u003c")
+    return html.replace("{{lang}}", lang).replace("{{i18n}}", data)
 
 
 class AdminPageHandler(AdminBase):
@@ -6396,12 +6496,12 @@ class AdminLoginHandler(AdminBase):
         except GatewayError as e:
             self.set_header("Retry-After", e.headers["Retry-After"])
             wait = e.headers["Retry-After"]
-            message = f"Too many wrong keys. Try again in {wait} s."
+            message = f"<span>Too many wrong keys. Try again in</span> {wait} s."
             self.send_page(LOGIN_PAGE.replace("{{message}}", message), 429)
             return
         if not right:
             await asyncio.sleep(0.5)  # slows a lone guesser; the throttle bounds the rest
-            self.send_page(LOGIN_PAGE.replace("{{message}}", "Wrong admin key."), 403)
+            self.send_page(LOGIN_PAGE.replace("{{message}}", "<span>Wrong admin key.</span>"), 403)
             return
         sid = self.service.admin_sessions.create()
         self.set_signed_cookie(
@@ -7081,7 +7181,7 @@ class DemoModelHandler(BaseHandler):
 # ---------------------------------------------------------------------------------------------
 
 _PAGE_HEAD = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
+<html lang="{{lang}}"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="xsrf" content="{{xsrf}}">
 <title>Gateway admin</title>
@@ -7133,6 +7233,7 @@ td.status { font-weight:600; color:var(--red); }
 td.state.resting, .key.resting { color:#b7791f; }
 td.state.disabled, .key.disabled { color:var(--red); }
 .key button { padding:1px 6px; font-size:11px; }
+.lang a { margin-left:8px; color:var(--muted); font-size:13px; }
 .policy { color:var(--muted); font-size:12px; margin-top:4px; overflow-wrap:anywhere; }
 .empty { color:var(--muted); padding:8px 0; }
 .login { max-width:360px; margin:12vh auto; }
@@ -7162,6 +7263,7 @@ DASHBOARD_PAGE = (
     + """<body>
 <header><h1>LLM gateway</h1><span id="state" class="pill">…</span>
 <span id="notice"></span><span class="spacer"></span><span id="clock"></span>
+<nav class="lang"><a href="?lang=en">English</a> <a href="?lang=zh-CN">中文</a></nav>
 <form method="post" action="/admin/logout"><input type="hidden" name="_xsrf" value="{{xsrf}}">
 <button type="submit">Log out</button></form></header>
 <main>
@@ -7199,12 +7301,16 @@ DASHBOARD_PAGE = (
 <th>Target</th><th>Fields</th></tr></thead><tbody id="audit"></tbody></table>
 <div class="empty" id="no-audit">No changes recorded.</div></section>
 </main>
+<script type="application/json" id="i18n">{{i18n}}</script>
 <script nonce="{{nonce}}">
 "use strict";
 const XSRF = document.querySelector('meta[name="xsrf"]').content;
 const SVG = "http://www.w3.org/2000/svg";
 const latencies = [];
-const fmt = (n) => Number(n).toLocaleString("en-US");
+const LANG = document.documentElement.lang;
+const T = JSON.parse(document.getElementById("i18n").textContent);
+const t = (s) => T[s] || s;
+const fmt = (n) => Number(n).toLocaleString(LANG);
 function el(tag, props, ...kids) {
   const node = document.createElement(tag);
   Object.assign(node, props || {});
@@ -7232,7 +7338,7 @@ function metric(label, kind, used, limit) {
   return row;
 }
 async function act(name, action) {
-  if (action === "reset" && !confirm("Reset today's counters of " + name + "?")) return;
+  if (action === "reset" && !confirm(t("Reset today's counters of ") + name + t("?"))) return;
   // The name goes in the body: a path segment "." or ".." would be resolved away by the URL.
   const r = await fetch("/admin/api/users/" + action, {method: "POST",
     headers: {"X-XSRFToken": XSRF, "Content-Type": "application/json"},
@@ -7250,13 +7356,13 @@ function drawUsers(users) {
       el("div", {className: "top"},
         el("span", {className: "name", textContent: u.name, title: u.name}),
         el("span", {className: "badge" + (u.enabled ? "" : " off"),
-                    textContent: u.enabled ? "enabled" : "disabled"}),
-        el("button", {textContent: toggle, onclick: () => act(u.name, toggle)}),
-        el("button", {textContent: "reset today", onclick: () => act(u.name, "reset")})),
-      metric("Requests", "requests", u.requests, u.request_limit),
-      metric("Tokens", "tokens", u.tokens, u.token_limit),
-      el("div", {className: "policy", textContent: (u.in_flight ? u.in_flight + " in flight" +
-        (u.held ? ", " + fmt(u.held) + " tokens held" : "") + "  " : "") + (u.policy || "")}));
+                    textContent: t(u.enabled ? "enabled" : "disabled")}),
+        el("button", {textContent: t(toggle), onclick: () => act(u.name, toggle)}),
+        el("button", {textContent: t("reset today"), onclick: () => act(u.name, "reset")})),
+      metric(t("Requests"), "requests", u.requests, u.request_limit),
+      metric(t("Tokens"), "tokens", u.tokens, u.token_limit),
+      el("div", {className: "policy", textContent: (u.in_flight ? u.in_flight + t(" in flight") +
+        (u.held ? ", " + fmt(u.held) + t(" tokens held") : "") + "  " : "") + (u.policy || "")}));
   }));
   for (const [i, card] of [...box.children].entries()) card.dataset.user = users[i].name;
 }
@@ -7286,7 +7392,8 @@ function drawHistory(days) {
     bar.dataset.date = d.date;
     bar.dataset.requests = d.requests;
     const tip = svg("title", {});
-    tip.textContent = d.date + ": " + fmt(d.requests) + " requests, " + fmt(d.tokens) + " tokens";
+    tip.textContent = d.date + ": " + fmt(d.requests) + t(" requests, ") + fmt(d.tokens) +
+      t(" tokens");
     bar.append(tip);
     kids.push(bar);
     const ty = top + plotH * (1 - d.tokens / maxTok);
@@ -7300,13 +7407,13 @@ function drawHistory(days) {
   chart.replaceChildren(...kids);
 }
 function drawLive(g) {
-  document.getElementById("state").textContent = g.status;
+  document.getElementById("state").textContent = t(g.status);
   document.getElementById("state").classList.toggle("off", g.status !== "running");
   document.getElementById("queue").replaceChildren(fmt(g.queue_length),
-    el("small", {textContent: " / " + fmt(g.queue_size) + " waiting"}));
+    el("small", {textContent: " / " + fmt(g.queue_size) + t(" waiting")}));
   setBar(document.getElementById("queue-fill"), g.queue_length, g.queue_size);
   document.getElementById("inflight").replaceChildren(fmt(g.in_flight),
-    el("small", {textContent: " / " + fmt(g.concurrency) + " workers"}));
+    el("small", {textContent: " / " + fmt(g.concurrency) + t(" workers")}));
   setBar(document.getElementById("inflight-fill"), g.in_flight, g.concurrency);
   const ms = (s) => s == null ? "–" : Math.round(s * 1000) + " ms";
   document.getElementById("latency").textContent = ms(g.latency.p50) + " / " + ms(g.latency.p95);
@@ -7316,8 +7423,8 @@ function drawLive(g) {
   document.getElementById("latency-line").setAttribute("points", latencies.map((v, i) =>
     (i * 200 / 59).toFixed(1) + "," + (32 - 30 * (v - low) / span).toFixed(1)).join(" "));
   document.getElementById("today").replaceChildren(fmt(g.today_requests),
-    el("small", {textContent: " requests"}));
-  document.getElementById("today-tokens").textContent = fmt(g.today_tokens) + " tokens";
+    el("small", {textContent: t(" requests")}));
+  document.getElementById("today-tokens").textContent = fmt(g.today_tokens) + t(" tokens");
 }
 async function enableKey(upstream, fingerprint) {
   const r = await fetch("/admin/api/upstreams/enable-key", {method: "POST",
@@ -7329,21 +7436,22 @@ async function enableKey(upstream, fingerprint) {
   refresh();
 }
 function drawUpstreams(rows) {
-  const state = (s, until) => s + (until ? " until " + until.slice(11, 19) : "");
+  const state = (s, until) => t(s) + (until ? t(" until ") + until.slice(11, 19) : "");
   document.getElementById("upstreams").replaceChildren(...rows.map((u) => {
     const keys = el("td", {});
     for (const k of u.keys) {
       const line = el("div", {className: "key " + k.state,
         textContent: k.fingerprint + ": " + state(k.state, k.resting_until) + ", " +
-          fmt(k.calls) + " calls" + (k.disabled ? " (" + k.disabled + ")" : "")});
-      if (k.state !== "ok") line.append(" ", el("button", {textContent: "re-enable",
+          fmt(k.calls) + t(" calls") + (k.disabled ? " (" + k.disabled + ")" : "")});
+      if (k.state !== "ok") line.append(" ", el("button", {textContent: t("re-enable"),
         onclick: () => enableKey(u.name, k.fingerprint)}));
       keys.append(line);
     }
     const row = el("tr", {},
       el("td", {textContent: u.name, title: u.base_url + " " + u.models.join(", ")}),
       el("td", {className: "state " + u.state, textContent: state(u.state, u.resting_until)}),
-      el("td", {textContent: fmt(u.calls) + (u.in_flight ? " (" + u.in_flight + " now)" : "")}),
+      el("td", {textContent: fmt(u.calls) + (u.in_flight ?
+        " (" + u.in_flight + t(" now") + ")" : "")}),
       el("td", {textContent: fmt(u.failures)}),
       el("td", {textContent: u.latency_ms ? u.latency_ms + " ms" : "–"}),
       el("td", {textContent: u.last_error || ""}), keys);
@@ -7371,7 +7479,7 @@ function drawAudit(rows) {
 async function refresh() {
   let r;
   try { r = await fetch("/admin/api/state", {cache: "no-store", credentials: "same-origin"}); }
-  catch (e) { document.getElementById("state").textContent = "unreachable"; return; }
+  catch (e) { document.getElementById("state").textContent = t("unreachable"); return; }
   if (r.status === 401) { location.reload(); return; }
   const data = (await r.json()).data;
   document.getElementById("clock").textContent = data.now.replace("T", " ").slice(0, 19);
