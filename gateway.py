@@ -5129,6 +5129,7 @@ class Service:
         self._totals = (0, 0)  # today's totals as last read from the store
         self._file_prices = load_prices_file(config.prices_file)
         self._models_lock = asyncio.Lock()
+        self._cost_days: dict[str, tuple[tuple[int, int], Any]] = {}
         self.queue = CallQueue(config.queue_size, config.concurrency, config.user_queue_share)
         self.calls = CallLog(config.data_dir, clock)
         self.audit = AuditLog(config.data_dir, clock)
@@ -5612,7 +5613,65 @@ class Service:
             "failures": self.calls.recent_failures(50),
             "upstreams": self.router.describe(self.clock.now()),
             "audit": self.audit.recent(20),
+            "cost": self.cost_report(today),
         }
+
+    def cost_report(self, today: str) -> dict[str, Any]:
+        """For the dashboard, from the call log: today's cost per user and per model, and
+        each model's requests, tokens and cost on each of the last 14 days (a past day is
+        read once and kept while its file does not change)."""
+        first = date.fromisoformat(today) - timedelta(days=HISTORY_DAYS - 1)
+        days = [(first + timedelta(days=n)).isoformat() for n in range(HISTORY_DAYS)]
+        per_day = {day: self._day_costs(day) for day in days}
+        users, models, _ = per_day[today]
+        history: dict[str, list[Any]] = {}
+        for n, day in enumerate(days):
+            for model, (requests, tokens, cost) in per_day[day][2].items():
+                row = history.setdefault(model, [[0, 0, 0.0] for _ in days])
+                row[n] = [requests, tokens, round(cost, 6)]
+        return {
+            "currency": self.config.currency,
+            "users": {u: round(c, 6) for u, c in users.items()},
+            "models": {m: round(c, 6) for m, c in models.items()},
+            "days": days,
+            "history": history,
+        }
+
+    def _day_costs(
+        self, day: str
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, tuple[int, int, float]]]:
+        path = self.calls.path(day)
+        try:
+            st = os.stat(path)
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            return {}, {}, {}
+        cached = self._cost_days.get(day)
+        if cached is not None and cached[0] == stamp:
+            return cast(
+                tuple[dict[str, float], dict[str, float], dict[str, tuple[int, int, float]]],
+                cached[1],
+            )
+        users: dict[str, float] = {}
+        models: dict[str, float] = {}
+        per_model: dict[str, list[Any]] = {}
+        for line in self.calls.read(day):
+            if not (line.get("status") == 200 or line.get("partial")) or not line.get("user"):
+                continue
+            given = line.get("cost")
+            cost = float(given) if isinstance(given, int | float) else 0.0
+            model = str(line.get("model") or "")
+            users[line["user"]] = users.get(line["user"], 0.0) + cost
+            models[model] = models.get(model, 0.0) + cost
+            row = per_model.setdefault(model, [0, 0, 0.0])
+            row[0] += 1
+            row[1] += int(line.get("total_tokens") or 0)
+            row[2] += cost
+        result = (users, models, {m: (r[0], r[1], r[2]) for m, r in per_model.items()})
+        self._cost_days[day] = (stamp, result)
+        for old in sorted(self._cost_days)[:-HISTORY_DAYS]:
+            del self._cost_days[old]
+        return result
 
     async def figures(self) -> Figures:
         """The live figures that the status route, the dashboard and /metrics all show."""
@@ -6420,6 +6479,11 @@ DASHBOARD_ZH = {
     "Target": "对象",
     "Fields": "字段",
     "No changes recorded.": "没有变更记录。",
+    "Models": "模型",
+    "Requests today": "今日请求",
+    "Tokens today": "今日 Token",
+    "Cost today": "今日费用",
+    "No calls yet.": "还没有调用。",
     # the script's words
     "Reset today's counters of ": "确定要重置今天的计数吗：",
     "?": "？",
@@ -7233,6 +7297,9 @@ td.status { font-weight:600; color:var(--red); }
 td.state.resting, .key.resting { color:#b7791f; }
 td.state.disabled, .key.disabled { color:var(--red); }
 .key button { padding:1px 6px; font-size:11px; }
+.spark { display:inline-flex; align-items:flex-end; gap:2px; height:20px; }
+.spark i { display:inline-block; width:5px; background:var(--blue); border-radius:1px; }
+.cost { color:var(--ink); }
 .lang a { margin-left:8px; color:var(--muted); font-size:13px; }
 .policy { color:var(--muted); font-size:12px; margin-top:4px; overflow-wrap:anywhere; }
 .empty { color:var(--muted); padding:8px 0; }
@@ -7288,6 +7355,11 @@ DASHBOARD_PAGE = (
   <span><i class="tok"></i>tokens</span></div>
  <svg id="history" width="100%" height="230" viewBox="0 0 1060 230"></svg>
 </section>
+<h2>Models</h2>
+<section class="panel"><table><thead><tr><th>Model</th><th>Requests today</th>
+<th>Tokens today</th><th>Cost today</th><th>Last 14 days</th></tr></thead>
+<tbody id="models"></tbody></table>
+<div class="empty" id="no-models">No calls yet.</div></section>
 <h2>Upstreams</h2>
 <section class="panel"><table><thead><tr><th>Upstream</th><th>State</th><th>Calls</th>
 <th>Failures</th><th>Latency</th><th>Last error</th><th>Keys</th></tr></thead>
@@ -7468,6 +7540,33 @@ function drawFailures(rows) {
     el("td", {textContent: f.error || ""}))));
   document.getElementById("no-failures").hidden = rows.length > 0;
 }
+function money(n) {
+  return Number(n).toLocaleString(LANG, {maximumFractionDigits: 4}) + " " + COST.currency;
+}
+let COST = {currency: "", users: {}, models: {}, days: [], history: {}};
+function drawModels(cost) {
+  COST = cost;
+  const today = cost.days.length - 1;
+  const names = Object.keys(cost.history).sort();
+  document.getElementById("models").replaceChildren(...names.map((m) => {
+    const days = cost.history[m];
+    const [requests, tokens, spent] = days[today];
+    const top = Math.max(1, ...days.map((d) => d[0]));
+    const bars = el("span", {className: "spark", title: cost.days.map((d, i) =>
+      d + ": " + fmt(days[i][0]) + t(" requests, ") + money(days[i][2])).join("\\n")});
+    for (const d of days) {
+      const bar = el("i", {});
+      bar.style.height = Math.round(2 + 18 * d[0] / top) + "px";  // CSSOM: allowed by the CSP
+      bars.append(bar);
+    }
+    const row = el("tr", {}, el("td", {textContent: m || "–"}),
+      el("td", {textContent: fmt(requests)}), el("td", {textContent: fmt(tokens)}),
+      el("td", {textContent: money(spent)}), el("td", {}, bars));
+    row.dataset.model = m;
+    return row;
+  }));
+  document.getElementById("no-models").hidden = names.length > 0;
+}
 function drawAudit(rows) {
   document.getElementById("audit").replaceChildren(...rows.map((a) => el("tr", {},
     el("td", {textContent: (a.time || "").replace("T", " ").slice(0, 19)}),
@@ -7489,6 +7588,12 @@ async function refresh() {
   drawFailures(data.failures);
   drawUpstreams(data.upstreams);
   drawAudit(data.audit || []);
+  drawModels(data.cost);
+  for (const card of document.querySelectorAll("#users .card")) {
+    const spent = (data.cost.users || {})[card.dataset.user] || 0;
+    card.append(el("div", {className: "policy cost",
+      textContent: t("Cost today") + ": " + money(spent)}));
+  }
   document.body.dataset.loaded = "1";
 }
 refresh();

@@ -129,3 +129,28 @@ def test_a_prices_file_without_routing(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text('"demo": {input: 1.0}\n')
     with pytest.raises(gateway.ConfigError, match=r"bad\.yaml"):
         gateway.load_prices_file(str(tmp_path / "bad.yaml"))
+
+
+async def test_the_dashboard_shows_todays_cost_per_user_and_model(senv: Env) -> None:
+    from test_routing import ADMIN_KEY, Admin  # noqa: PLC0415 - its logged-in session helper
+
+    senv.write_users({"alice": {"api_key": ALICE_KEY}, "bob": {"api_key": BOB_KEY}})
+    prices = senv.tmp / "prices.yaml"
+    prices.write_text('"gpt-4o*": {input: 2.5, output: 10.0}\n')
+    senv.upstream.usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+    client = await senv.start(admin_key=ADMIN_KEY, prices_file=str(prices), currency="CNY")
+    for key, model in [(ALICE_KEY, "gpt-4o")] * 2 + [(BOB_KEY, "llama3")]:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        assert (await client.call(body, key=key))[0] == 200
+    admin = Admin(client)
+    await admin.login()
+    code, text = await admin.request("/admin/api/state")
+    assert code == 200
+    cost = json.loads(text)["data"]["cost"]
+    one = (1000 * 2.5 + 100 * 10.0) / 1e6
+    assert cost["currency"] == "CNY"
+    assert cost["users"] == {"alice": pytest.approx(2 * one), "bob": 0.0}
+    assert cost["models"] == {"gpt-4o": pytest.approx(2 * one), "llama3": 0.0}
+    assert len(cost["days"]) == 14
+    assert cost["history"]["gpt-4o"][-1] == [2, 2200, pytest.approx(2 * one)]
+    assert cost["history"]["llama3"][:-1] == [[0, 0, 0.0]] * 13

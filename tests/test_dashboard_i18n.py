@@ -17,7 +17,7 @@ import gateway
 
 ARTIFACTS = ROOT / "test-artifacts"
 # Words that stay as they are in Chinese: names, units and the language switch.
-KEPT = {"p", "English", "Token", "LLM", "s", "ms"}  # p50, p95; s and ms units
+KEPT = {"p", "English", "Token", "LLM", "s", "ms", "USD"}  # p50, p95; units; --currency
 
 
 class Text(HTMLParser):
@@ -107,6 +107,7 @@ async def test_the_dashboard_in_chromium(senv: Env, lang: str) -> None:
     assert shot.stat().st_size > 10_000
     if lang == "zh-CN":
         assert "今日用户" in text and "运行中" in text and "最近 14 天" in text
+        assert "今日费用" in text and "0 USD" in text  # the cost columns (no prices set)
         assert "12,345" in text  # numbers in the language's format
         words = set(re.findall(r"[A-Za-z][A-Za-z']*", text))
         # Names stay: the user, the model, endpoints, upstreams, key fingerprints (sha256:…).
