@@ -575,6 +575,9 @@ class Config:
     processes: int = 1
     prices_file: str = ""
     currency: str = "USD"
+    alert_webhook: str = ""
+    alert_format: str = "json"
+    alert_secret: str = ""
     store: str = ""
 
     def cors(self) -> frozenset[str]:
@@ -589,7 +592,7 @@ class Config:
 
     def secrets(self) -> tuple[str, ...]:
         """The configured secrets: redacted wherever outside text enters the gateway."""
-        return (self.upstream_api_key, self.anthropic_api_key, self.admin_key)
+        return (self.upstream_api_key, self.anthropic_api_key, self.admin_key, self.alert_secret)
 
     def tz(self) -> tzinfo | None:
         """The configured zone, or None for the machine's local zone."""
@@ -724,6 +727,26 @@ def define_options() -> tornado.options.OptionParser:
     )
     p.define("currency", d.currency, str, "the currency of the prices (a label)")
     p.define(
+        "alert-webhook",
+        d.alert_webhook,
+        str,
+        "comma-separated webhook URLs for alerts (limits at 80%/100%, upstreams resting or "
+        "back, the store failing or back); URL#format picks the format per webhook",
+    )
+    p.define(
+        "alert-format",
+        d.alert_format,
+        str,
+        "the webhooks' format: json, feishu, dingtalk, wecom or slack",
+    )
+    p.define(
+        "alert-secret",
+        d.alert_secret,
+        str,
+        "signs each alert (X-Gateway-Signature: sha256=HMAC; and Feishu's and DingTalk's own "
+        "signing); also GATEWAY_ALERT_SECRET",
+    )
+    p.define(
         "processes",
         d.processes,
         int,
@@ -785,6 +808,9 @@ def parse_config(argv: list[str], env: dict[str, str]) -> Config:
         raise ConfigError("--max-body-memory must be at least --max-body-size")
     if config.processes < 0:
         raise ConfigError("--processes must be >= 0 (0: one per core)")
+    if config.alert_format not in ALERT_FORMATS:
+        raise ConfigError(f"--alert-format must be one of {', '.join(ALERT_FORMATS)}")
+    parse_webhooks(config.alert_webhook, config.alert_format)
     if not 0 < config.user_queue_share <= 1:
         raise ConfigError("--user-queue-share must be above 0 and at most 1")
     if config.max_event_size < 1024:
@@ -1509,6 +1535,11 @@ class UsageStore(abc.ABC):
     """
 
     name: str = ""  # how logs and /api/status.php name the store (never a password)
+    listener: Callable[[str, str], None] | None = None  # told when the store fails or is back
+
+    def tell(self, event: str, detail: str) -> None:
+        if self.listener is not None:
+            self.listener(event, detail)
 
     @abc.abstractmethod
     async def start(self) -> None: ...
@@ -2498,12 +2529,14 @@ class RedisStore(UsageStore):
         except self._errors as e:
             if not self.problem:
                 log.error("usage store %s: %s failed: %s", self.name, what, e)
+                self.tell("store_failed", f"用量存储 {self.name} 不可用: {type(e).__name__}")
             self.problem = f"{type(e).__name__}: {e}"[:300]
             raise StoreUnavailable(
                 f"usage store {self.name} unavailable ({self.problem})"
             ) from None
         if self.problem:
             log.warning("usage store %s is back", self.name)
+            self.tell("store_back", f"用量存储 {self.name} 已恢复")
             self.problem = ""
         return result
 
@@ -3577,6 +3610,8 @@ class Router:
         self._routes: dict[tuple[str, str], Route | None] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._checks: set[asyncio.Future[None]] = set()  # key checks under way
+        # Told of rests and returns (the Service turns them into alerts).
+        self.on_event: Callable[[str, str, str], None] = lambda event, upstream, detail: None
         self.install(spec)
 
     def install(self, spec: RoutingSpec) -> None:
@@ -3722,8 +3757,9 @@ class Router:
         self._wake()
 
     def succeeded(self, ch: Channel, key: KeyState, seconds: float) -> None:
-        if ch.failures_in_row >= FAILURES_BEFORE_REST:
+        if ch.failures_in_row >= FAILURES_BEFORE_REST and ch.resting_until:
             log.warning("upstream %s is back", ch.name)
+            self.on_event("upstream_back", ch.name, "上游恢复正常 (back after a rest)")
         ch.failures_in_row, ch.resting_until, ch.trial = 0, 0.0, False
         ch.failing_users.clear()
         ch.calls += 1
@@ -3763,6 +3799,11 @@ class Router:
             )
             key.resting_until = now + rest
             log.warning("upstream %s: key %s rests %.0f s (429)", ch.name, key.fingerprint, rest)
+            self.on_event(
+                "upstream_key_resting",
+                ch.name,
+                f"密钥 {key.fingerprint} 被限流，休息 {rest:.0f} 秒 (429)",
+            )
             return "key"
         if e.status is not None and e.status not in RETRYABLE_STATUSES:
             return ""  # some other answer (e.g. 405, 413): the upstream's word, not retried
@@ -3781,6 +3822,12 @@ class Router:
                 self.spec.cooldown,
                 ch.failures_in_row,
                 error,
+            )
+            self.on_event(
+                "upstream_resting",
+                ch.name,
+                f"连续失败 {ch.failures_in_row} 次，休息 {self.spec.cooldown:.0f} 秒："
+                + error[:200],
             )
         return "upstream"
 
@@ -3809,6 +3856,11 @@ class Router:
                         ch.name,
                         key.fingerprint,
                         e.status,
+                    )
+                    self.on_event(
+                        "upstream_key_disabled",
+                        ch.name,
+                        f"密钥 {key.fingerprint} 被拒绝 ({e.status})，已停用，直到管理员重新启用",
                     )
             except Exception:
                 log.exception("checking key %s of upstream %s failed", key.fingerprint, ch.name)
@@ -4555,6 +4607,252 @@ def upstream_changes(before: RoutingSpec, after: RoutingSpec) -> list[dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------
+# Alerts: webhooks told when limits, upstreams or the store need attention
+# ---------------------------------------------------------------------------------------------
+
+
+ALERT_FORMATS = ("json", "feishu", "dingtalk", "wecom", "slack")
+ALERT_THRESHOLDS = (80, 100)  # percent of a daily limit
+ALERT_RETRY_MAX = 300.0  # seconds between delivery attempts, at most
+ALERT_ATTEMPTS = 12  # then the alert is dropped (logged)
+ALERT_PENDING_MAX = 10_000  # alerts waiting for delivery; beyond it the oldest are dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    url: str
+    format: str = "json"
+
+
+def parse_webhooks(value: str, default_format: str) -> tuple[Webhook, ...]:
+    """--alert-webhook: comma-separated URLs, each optionally `URL#format`."""
+    hooks = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        url, _, fmt = item.partition("#")
+        fmt = fmt or default_format
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("--alert-webhook: each must be an http:// or https:// URL")
+        if fmt not in ALERT_FORMATS:
+            raise ConfigError(f"--alert-webhook: format must be one of {', '.join(ALERT_FORMATS)}")
+        hooks.append(Webhook(url, fmt))
+    return tuple(hooks)
+
+
+_LIMIT_WORDS = {"requests": "请求数", "tokens": "Token 用量"}
+
+
+def alert_text(alert: dict[str, Any]) -> str:
+    """An alert as a readable Chinese message, for the chat formats."""
+    event = alert["event"]
+    if event == "limit":
+        what = _LIMIT_WORDS.get(str(alert.get("limit")), str(alert.get("limit")))
+        return (
+            f"【大模型网关】用户 {alert.get('user')} 今日{what}已达上限的 {alert.get('percent')}%"
+            f"（{alert.get('used')}/{alert.get('max')}，{alert.get('day')}）"
+        )
+    if event.startswith("upstream"):
+        return f"【大模型网关】上游 {alert.get('upstream')}：{alert.get('detail')}"
+    return f"【大模型网关】{alert.get('detail')}"
+
+
+class Alerts:
+    """Alerts to webhooks (json, Feishu, DingTalk, WeCom, Slack), in the background.
+
+    An alert is written to data/alerts/pending.jsonl first, so delivery survives a restart,
+    and is sent with retries and backoff; sending never delays or fails a call. A user's
+    limit alerts fire at most once per user, limit, threshold and day (data/alerts/fired-DAY,
+    shared by the processes on the data dir). No alert carries a key.
+    """
+
+    def __init__(self, config: Config, clock: DayClock) -> None:
+        self.hooks = parse_webhooks(config.alert_webhook, config.alert_format)
+        self.secret = config.alert_secret
+        self.dir = Path(config.data_dir) / "alerts"
+        self.clock = clock
+        self.pending: list[dict[str, Any]] = []
+        self._fired: tuple[str, set[str]] = ("", set())
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._client: tornado.httpclient.AsyncHTTPClient | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hooks)
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            make_private_dir(self.dir)
+            for line in read_private(self.dir / "pending.jsonl").splitlines():
+                with contextlib.suppress(ValueError, TypeError):
+                    item = json.loads(line)
+                    item["next"] = 0.0  # a new process tries at once
+                    self.pending.append(item)
+        except OSError:
+            pass
+        self._client = tornado.simple_httpclient.SimpleAsyncHTTPClient(force_instance=True)
+        self._task = asyncio.ensure_future(self._deliver_forever())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._client is not None:
+            self._client.close()
+
+    def _save(self) -> None:
+        data = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in self.pending).encode()
+        try:
+            make_private_dir(self.dir)
+            atomic_write(self.dir / "pending.jsonl", data)
+        except (OSError, StoreError) as e:
+            log.error("alerts: cannot save pending alerts: %s", e)
+
+    def emit(self, event: str, detail: str, **facts: Any) -> None:
+        """Queue an alert for every webhook; returns at once."""
+        if not self.enabled:
+            return
+        now = self.clock.now()
+        moment = datetime.fromtimestamp(now, self.clock.tz)
+        alert = {
+            "event": event,
+            "time": (moment if self.clock.tz else moment.astimezone()).isoformat(
+                timespec="seconds"
+            ),
+            **facts,
+            "detail": detail,
+        }
+        for n in range(len(self.hooks)):
+            self.pending.append({"alert": alert, "hook": n, "attempts": 0, "next": 0.0})
+        del self.pending[: max(0, len(self.pending) - ALERT_PENDING_MAX)]
+        self._save()
+        self._wake.set()
+
+    def check_limits(self, user: User, counts: Counts, day: str) -> None:
+        """After a charge: the 80% and 100% alerts of the user's daily limits, once each."""
+        if not self.enabled:
+            return
+        for limit, used, top in (
+            ("requests", counts.requests, user.daily_request_limit),
+            ("tokens", counts.tokens, user.daily_token_limit),
+        ):
+            for percent in ALERT_THRESHOLDS:
+                if top <= 0 or used * 100 < top * percent:
+                    continue
+                key = f"{user.name}\t{limit}\t{percent}"
+                if self._already(day, key):
+                    continue
+                self.emit(
+                    "limit",
+                    f"{user.name}: {used} of {top} {limit} today ({percent}%)",
+                    user=user.name,
+                    limit=limit,
+                    percent=percent,
+                    used=used,
+                    max=top,
+                    day=day,
+                )
+
+    def _already(self, day: str, key: str) -> bool:
+        """Whether an alert was fired today (by any process on the data dir); marks it."""
+        path = self.dir / f"fired-{day}.txt"
+        if self._fired[0] != day:
+            self._fired = (day, set())
+        if key in self._fired[1]:
+            return True
+        try:
+            make_private_dir(self.dir)
+            with file_lock(self.dir / ".fired.lock").acquire(timeout=2):
+                try:
+                    seen = set(read_private(path).decode().splitlines())
+                except FileNotFoundError:
+                    seen = set()
+                self._fired[1].update(seen)
+                if key in seen:
+                    return True
+                fd = open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                try:
+                    os.write(fd, (key + "\n").encode())
+                finally:
+                    os.close(fd)
+        except (OSError, filelock.Timeout) as e:
+            log.error("alerts: cannot record a fired alert: %s", e)
+        self._fired[1].add(key)
+        return False
+
+    def body(self, alert: dict[str, Any], fmt: str) -> tuple[bytes, str]:
+        """The request body in the webhook's format, and a query string (DingTalk's signing)."""
+        text = alert_text(alert)
+        query = ""
+        if fmt == "feishu":
+            doc: dict[str, Any] = {"msg_type": "text", "content": {"text": text}}
+            if self.secret:  # Feishu's own signing: HMAC of "timestamp\nsecret", empty message
+                stamp = str(int(time.time()))
+                key = f"{stamp}\n{self.secret}".encode()
+                sign = base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode()
+                doc.update(timestamp=stamp, sign=sign)
+        elif fmt in ("dingtalk", "wecom"):
+            doc = {"msgtype": "text", "text": {"content": text}}
+            if fmt == "dingtalk" and self.secret:  # DingTalk's: in the URL
+                stamp = str(int(time.time() * 1000))
+                mac = hmac.new(self.secret.encode(), f"{stamp}\n{self.secret}".encode(), "sha256")
+                sign = urllib.parse.quote_plus(base64.b64encode(mac.digest()).decode())
+                query = f"timestamp={stamp}&sign={sign}"
+        elif fmt == "slack":
+            doc = {"text": text}
+        else:
+            doc = alert
+        return json.dumps(doc, ensure_ascii=False).encode(), query
+
+    async def _send(self, item: dict[str, Any]) -> bool:
+        hook = self.hooks[item["hook"]] if item["hook"] < len(self.hooks) else None
+        if hook is None or self._client is None:
+            return True  # the webhook was removed: nothing to do
+        body, query = self.body(item["alert"], hook.format)
+        headers = {"Content-Type": "application/json; charset=utf-8"}
+        if self.secret:
+            digest = hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Gateway-Signature"] = f"sha256={digest}"
+        url = hook.url + (("&" if "?" in hook.url else "?") + query if query else "")
+        try:
+            response = await self._client.fetch(
+                url,
+                method="POST",
+                body=body,
+                headers=headers,
+                raise_error=False,
+                request_timeout=10,
+                follow_redirects=False,
+            )
+        except (OSError, tornado.httpclient.HTTPClientError):
+            return False
+        return 200 <= response.code < 300
+
+    async def _deliver_forever(self) -> None:
+        while True:
+            now = time.time()
+            due = [p for p in self.pending if p["next"] <= now]
+            for item in due:
+                if await self._send(item):
+                    self.pending.remove(item)
+                else:
+                    item["attempts"] += 1
+                    if item["attempts"] >= ALERT_ATTEMPTS:
+                        log.error("alerts: dropped after %d attempts: %s", ALERT_ATTEMPTS, item)
+                        self.pending.remove(item)
+                    else:
+                        item["next"] = time.time() + min(ALERT_RETRY_MAX, 2.0 ** item["attempts"])
+                self._save()
+            waits = [p["next"] - time.time() for p in self.pending]
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.05, min(waits, default=60.0)))
+
+
+# ---------------------------------------------------------------------------------------------
 # Admin access: sessions and the guess throttle
 # ---------------------------------------------------------------------------------------------
 
@@ -5125,6 +5423,7 @@ class Service:
         self.clock = clock
         routing = routing or default_routing(config)
         self.router = Router(routing, config, Redactor(config.secrets() + routing_secrets(routing)))
+        self.router.on_event = self._upstream_event
         self._upstream_models: dict[str, tuple[float, list[str]]] = {}
         self._totals = (0, 0)  # today's totals as last read from the store
         self._file_prices = load_prices_file(config.prices_file)
@@ -5133,6 +5432,8 @@ class Service:
         self.queue = CallQueue(config.queue_size, config.concurrency, config.user_queue_share)
         self.calls = CallLog(config.data_dir, clock)
         self.audit = AuditLog(config.data_dir, clock)
+        self.alerts = Alerts(config, clock)
+        store.listener = self.alerts.emit  # the store failing or back: an alert
         self.metrics = Metrics()
         self.bodies = BodyBudget(config.max_body_memory)
         self.cors_origins = config.cors()
@@ -5157,6 +5458,9 @@ class Service:
         if not policy.allows_address(address):
             raise GatewayError(403, MSG_IP_NOT_ALLOWED, {"error": "ip_not_allowed"})
         return user
+
+    def _upstream_event(self, event: str, upstream: str, detail: str) -> None:
+        self.alerts.emit(event, detail, upstream=upstream)
 
     def prices(self) -> tuple[Price, ...]:
         """upstreams.yaml's prices:, else --prices-file's."""
@@ -5274,6 +5578,7 @@ class Service:
                 # the journal decides, and the client is told the call failed.
                 raise StoreError(f"{e} (the charge of {user.name!r}'s call may be lost)") from None
             res = None
+            self.alerts.check_limits(user, counts, day)
             # Logged now, not when the response ends: a crash after the charge loses nothing.
             rec.usage, rec.partial, rec.upstream_id = (
                 answer.usage,
@@ -8299,6 +8604,7 @@ class Gateway:
             LOG_GUARD.install(Redactor(config.secrets() + routing_secrets(routing)))
         self.service = Service(config, self.users, self.store, self.clock, routing)
         self.service.queue.start()
+        self.service.alerts.start()
         self.server = HTTPServer(
             make_app(self.service),
             xheaders=config.xheaders,
@@ -8374,6 +8680,7 @@ class Gateway:
         await self.store.close()
         self.service.calls.close()
         self.service.router.close()
+        await self.service.alerts.stop()
         await self.server.close_all_connections()
 
     async def _drain(self) -> None:
