@@ -3799,11 +3799,12 @@ class Router:
             )
             key.resting_until = now + rest
             log.warning("upstream %s: key %s rests %.0f s (429)", ch.name, key.fingerprint, rest)
-            self.on_event(
-                "upstream_key_resting",
-                ch.name,
-                f"密钥 {key.fingerprint} 被限流，休息 {rest:.0f} 秒 (429)",
-            )
+            if rest >= 1:
+                self.on_event(
+                    "upstream_key_resting",
+                    ch.name,
+                    f"密钥 {key.fingerprint} 被限流，休息 {rest:.0f} 秒 (429)",
+                )
             return "key"
         if e.status is not None and e.status not in RETRYABLE_STATUSES:
             return ""  # some other answer (e.g. 405, 413): the upstream's word, not retried
@@ -3826,8 +3827,9 @@ class Router:
             self.on_event(
                 "upstream_resting",
                 ch.name,
-                f"连续失败 {ch.failures_in_row} 次，休息 {self.spec.cooldown:.0f} 秒："
-                + error[:200],
+                # The status only: an upstream's error text may echo what a user sent.
+                f"连续失败 {ch.failures_in_row} 次，休息 {self.spec.cooldown:.0f} 秒"
+                f"（最近一次：{e.status or '无应答'}）",
             )
         return "upstream"
 
@@ -4673,6 +4675,9 @@ class Alerts:
         self.dir = Path(config.data_dir) / "alerts"
         self.clock = clock
         self.pending: list[dict[str, Any]] = []
+        self._seq = 0
+        self._dirty = False
+        self._saved_at = 0.0
         self._fired: tuple[str, set[str]] = ("", set())
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -4694,7 +4699,10 @@ class Alerts:
                     self.pending.append(item)
         except OSError:
             pass
-        self._client = tornado.simple_httpclient.SimpleAsyncHTTPClient(force_instance=True)
+        # A webhook's answer is not read: 64 KiB of it at most.
+        self._client = tornado.simple_httpclient.SimpleAsyncHTTPClient(
+            force_instance=True, max_body_size=1 << 16
+        )
         self._task = asyncio.ensure_future(self._deliver_forever())
 
     async def stop(self) -> None:
@@ -4702,9 +4710,12 @@ class Alerts:
             self._task.cancel()
         if self._client is not None:
             self._client.close()
+        if self._dirty:
+            self._save()
 
-    def _save(self) -> None:
-        data = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in self.pending).encode()
+    def _save(self, pending: list[dict[str, Any]] | None = None) -> None:
+        items = self.pending if pending is None else pending
+        data = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in items).encode()
         try:
             make_private_dir(self.dir)
             atomic_write(self.dir / "pending.jsonl", data)
@@ -4726,9 +4737,14 @@ class Alerts:
             "detail": detail,
         }
         for n in range(len(self.hooks)):
-            self.pending.append({"alert": alert, "hook": n, "attempts": 0, "next": 0.0})
-        del self.pending[: max(0, len(self.pending) - ALERT_PENDING_MAX)]
-        self._save()
+            self._seq += 1
+            item = {"id": f"{os.getpid()}-{self._seq}", "alert": alert, "hook": n}
+            self.pending.append({**item, "attempts": 0, "next": 0.0})
+        dropped = len(self.pending) - ALERT_PENDING_MAX
+        if dropped > 0:
+            log.error("alerts: %d dropped, %d already waiting", dropped, ALERT_PENDING_MAX)
+            del self.pending[:dropped]
+        self._dirty = True  # saved by the deliverer, at most once a second
         self._wake.set()
 
     def check_limits(self, user: User, counts: Counts, day: str) -> None:
@@ -4831,25 +4847,54 @@ class Alerts:
             return False
         return 200 <= response.code < 300
 
+    def _forget(self, item: dict[str, Any]) -> None:
+        """Remove a delivered or abandoned alert (emit may have dropped it meanwhile)."""
+        if item in self.pending:
+            self.pending.remove(item)
+        self._dirty = True
+
     async def _deliver_forever(self) -> None:
         while True:
-            now = time.time()
-            due = [p for p in self.pending if p["next"] <= now]
-            for item in due:
-                if await self._send(item):
-                    self.pending.remove(item)
-                else:
-                    item["attempts"] += 1
-                    if item["attempts"] >= ALERT_ATTEMPTS:
-                        log.error("alerts: dropped after %d attempts: %s", ALERT_ATTEMPTS, item)
-                        self.pending.remove(item)
-                    else:
-                        item["next"] = time.time() + min(ALERT_RETRY_MAX, 2.0 ** item["attempts"])
-                self._save()
+            try:
+                await self._deliver_due()
+            except Exception:  # the deliverer must outlive any one alert
+                log.exception("alerts: delivery round failed")
+            if self._dirty and time.monotonic() - self._saved_at >= 1.0:
+                self._dirty = False
+                self._saved_at = time.monotonic()
+                snapshot = [dict(p) for p in self.pending]  # taken here, written in a thread
+                await asyncio.get_running_loop().run_in_executor(None, self._save, snapshot)
             waits = [p["next"] - time.time() for p in self.pending]
+            if self._dirty:
+                waits.append(1.0)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.05, min(waits, default=60.0)))
+
+    async def _deliver_due(self) -> None:
+        """One round: every due alert, each webhook's in turn, the webhooks side by side (a
+        slow one holds back only its own)."""
+        now = time.time()
+        due: dict[int, list[dict[str, Any]]] = {}
+        for p in self.pending:
+            if p["next"] <= now:
+                due.setdefault(p["hook"], []).append(p)
+
+        async def one_hook(items: list[dict[str, Any]]) -> None:
+            for item in items:
+                if await self._send(item):
+                    self._forget(item)
+                    continue
+                item["attempts"] += 1
+                if item["attempts"] >= ALERT_ATTEMPTS:
+                    log.error("alerts: dropped after %d attempts: %s", ALERT_ATTEMPTS, item["id"])
+                    self._forget(item)
+                else:
+                    item["next"] = time.time() + min(ALERT_RETRY_MAX, 2.0 ** item["attempts"])
+                    self._dirty = True
+                    return  # this webhook is failing: its other alerts wait for the retry
+
+        await asyncio.gather(*(one_hook(items) for items in due.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5428,7 +5473,9 @@ class Service:
         self._totals = (0, 0)  # today's totals as last read from the store
         self._file_prices = load_prices_file(config.prices_file)
         self._models_lock = asyncio.Lock()
-        self._cost_days: dict[str, tuple[tuple[int, int], Any]] = {}
+        self._cost_days: dict[str, list[Any]] = {}  # day -> [offset, users, models, by model]
+        self._cost_lock = asyncio.Lock()
+        self._alerted: dict[tuple[str, str, str], float] = {}
         self.queue = CallQueue(config.queue_size, config.concurrency, config.user_queue_share)
         self.calls = CallLog(config.data_dir, clock)
         self.audit = AuditLog(config.data_dir, clock)
@@ -5460,6 +5507,15 @@ class Service:
         return user
 
     def _upstream_event(self, event: str, upstream: str, detail: str) -> None:
+        """An upstream or key rested, was disabled or came back: an alert, at most one a
+        minute for the same event, upstream and key (a user's requests can draw 429s)."""
+        key = (event, upstream, " ".join(re.findall(r"sha256:[0-9a-f]+", detail)))
+        now = time.monotonic()
+        if now - self._alerted.get(key, -1e9) < 60:
+            return
+        self._alerted[key] = now
+        if len(self._alerted) > 10_000:
+            self._alerted = {k: t for k, t in self._alerted.items() if now - t < 60}
         self.alerts.emit(event, detail, upstream=upstream)
 
     def prices(self) -> tuple[Price, ...]:
@@ -5918,22 +5974,31 @@ class Service:
             "failures": self.calls.recent_failures(50),
             "upstreams": self.router.describe(self.clock.now()),
             "audit": self.audit.recent(20),
-            "cost": self.cost_report(today),
+            "cost": await self.cost_report(today),
         }
 
-    def cost_report(self, today: str) -> dict[str, Any]:
+    async def cost_report(self, today: str) -> dict[str, Any]:
         """For the dashboard, from the call log: today's cost per user and per model, and
         each model's requests, tokens and cost on each of the last 14 days (a past day is
         read once and kept while its file does not change)."""
         first = date.fromisoformat(today) - timedelta(days=HISTORY_DAYS - 1)
         days = [(first + timedelta(days=n)).isoformat() for n in range(HISTORY_DAYS)]
-        per_day = {day: self._day_costs(day) for day in days}
+        async with self._cost_lock:  # one poll reads at a time, in a thread: not the loop's time
+            loop = asyncio.get_running_loop()
+            per_day = {day: await loop.run_in_executor(None, self._day_costs, day) for day in days}
         users, models, _ = per_day[today]
         history: dict[str, list[Any]] = {}
+        # The 50 models with the most requests in the 14 days; the rest as "(other)".
+        calls: dict[str, int] = {}
+        for day in days:
+            for model, (requests, _, _) in per_day[day][2].items():
+                calls[model] = calls.get(model, 0) + requests
+        shown = set(sorted(calls, key=lambda m: -calls[m])[:50])
         for n, day in enumerate(days):
             for model, (requests, tokens, cost) in per_day[day][2].items():
-                row = history.setdefault(model, [[0, 0, 0.0] for _ in days])
-                row[n] = [requests, tokens, round(cost, 6)]
+                name = model if model in shown else "(other)"
+                row = history.setdefault(name, [[0, 0, 0.0] for _ in days])
+                row[n] = [row[n][0] + requests, row[n][1] + tokens, round(row[n][2] + cost, 6)]
         return {
             "currency": self.config.currency,
             "users": {u: round(c, 6) for u, c in users.items()},
@@ -5945,38 +6010,50 @@ class Service:
     def _day_costs(
         self, day: str
     ) -> tuple[dict[str, float], dict[str, float], dict[str, tuple[int, int, float]]]:
+        """A day's costs from its call log, read on from where the last poll stopped (at
+        most 32 MiB a poll; a file that shrank is read again from the start)."""
         path = self.calls.path(day)
         try:
-            st = os.stat(path)
-            stamp = (st.st_size, st.st_mtime_ns)
+            size = os.stat(path).st_size
         except OSError:
             return {}, {}, {}
-        cached = self._cost_days.get(day)
-        if cached is not None and cached[0] == stamp:
-            return cast(
-                tuple[dict[str, float], dict[str, float], dict[str, tuple[int, int, float]]],
-                cached[1],
-            )
-        users: dict[str, float] = {}
-        models: dict[str, float] = {}
-        per_model: dict[str, list[Any]] = {}
-        for line in self.calls.read(day):
-            if not (line.get("status") == 200 or line.get("partial")) or not line.get("user"):
-                continue
-            given = line.get("cost")
-            cost = float(given) if isinstance(given, int | float) else 0.0
-            model = str(line.get("model") or "")
-            users[line["user"]] = users.get(line["user"], 0.0) + cost
-            models[model] = models.get(model, 0.0) + cost
-            row = per_model.setdefault(model, [0, 0, 0.0])
-            row[0] += 1
-            row[1] += int(line.get("total_tokens") or 0)
-            row[2] += cost
-        result = (users, models, {m: (r[0], r[1], r[2]) for m, r in per_model.items()})
-        self._cost_days[day] = (stamp, result)
+        entry = self._cost_days.get(day)
+        if entry is None or size < entry[0]:
+            entry = [0, {}, {}, {}]
+        if size > entry[0]:
+            try:
+                fd = open_private(path, os.O_RDONLY)
+                try:
+                    chunk = os.pread(fd, min(size - entry[0], 32 << 20), entry[0])
+                finally:
+                    os.close(fd)
+            except OSError:
+                chunk = b""
+            end = chunk.rfind(b"\n") + 1  # complete lines only
+            users, models, per_model = entry[1], entry[2], entry[3]
+            for raw in chunk[:end].splitlines():
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue
+                if not isinstance(line, dict) or not line.get("user"):
+                    continue
+                if not (line.get("status") == 200 or line.get("partial")):
+                    continue
+                given = line.get("cost")
+                cost = float(given) if isinstance(given, int | float) else 0.0
+                model = str(line.get("model") or "")[:100]
+                users[line["user"]] = users.get(line["user"], 0.0) + cost
+                models[model] = models.get(model, 0.0) + cost
+                row = per_model.setdefault(model, [0, 0, 0.0])
+                row[0] += 1
+                row[1] += int(line.get("total_tokens") or 0)
+                row[2] += cost
+            entry[0] += end
+        self._cost_days[day] = entry
         for old in sorted(self._cost_days)[:-HISTORY_DAYS]:
             del self._cost_days[old]
-        return result
+        return entry[1], entry[2], {m: (r[0], r[1], r[2]) for m, r in entry[3].items()}
 
     async def figures(self) -> Figures:
         """The live figures that the status route, the dashboard and /metrics all show."""

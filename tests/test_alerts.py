@@ -178,3 +178,82 @@ def test_bad_alert_settings_stop_the_start() -> None:
     ):
         with pytest.raises(gateway.ConfigError):
             gateway.parse_config(argv, {})
+
+
+async def test_a_users_429s_raise_one_key_alert_a_minute_and_none_for_no_rest(
+    senv: Env,
+) -> None:
+    """An upstream's 429 can answer one user's oversized request: a rest shorter than a second
+    is no alert, and the same key resting again within a minute is not told twice."""
+    receiver = serve_receiver()
+    senv.write_users({"alice": {"api_key": ALICE_KEY}})
+    senv.upstream.status = 429
+    routing = senv.tmp / "upstreams.yaml"
+    routing.write_text(
+        f"upstreams:\n  a: {{base_url: '{senv.upstream.url}', api_key: {UPSTREAM_KEY}}}\n"
+        "cooldown_seconds: 0\n"
+    )
+    client = await senv.start(alert_webhook=receiver.url(), upstreams_file=str(routing))
+    for _ in range(5):  # no Retry-After and a cooldown of 0: no rest, no alert
+        await client.call()
+    await asyncio.sleep(0.3)
+    assert receiver.posts == []
+    senv.upstream.headers["Retry-After"] = "0.05"  # rests shorter than a second: still none
+    for _ in range(3):
+        await client.call()
+        await asyncio.sleep(0.1)
+    senv.upstream.headers["Retry-After"] = "2"
+    for _ in range(3):
+        await client.call()
+        await asyncio.sleep(2.1)  # rested and back, three times
+    await until(lambda: len(receiver.posts) >= 1)
+    await asyncio.sleep(0.3)
+    assert [d["event"] for d in receiver.docs()] == ["upstream_key_resting"]
+    receiver.server.stop()
+
+
+async def test_chat_alerts_never_carry_the_upstreams_words(senv: Env) -> None:
+    receiver = serve_receiver()
+    bob = "sk-bob-alerts-00002"
+    senv.write_users({"alice": {"api_key": ALICE_KEY}, "bob": {"api_key": bob}})
+    senv.upstream.status = 500
+    senv.upstream.body = b'{"error": {"message": "bad model <!channel> <at user_id=\\"all\\">"}}'
+    routing = senv.tmp / "upstreams.yaml"
+    routing.write_text(
+        f"upstreams:\n  a: {{base_url: '{senv.upstream.url}', api_key: {UPSTREAM_KEY}}}\n"
+    )
+    client = await senv.start(alert_webhook=receiver.url("slack"), upstreams_file=str(routing))
+    for key in (ALICE_KEY, bob, ALICE_KEY):
+        await client.call(key=key)
+    await until(lambda: len(receiver.posts) >= 1)
+    text = receiver.docs()[0]["text"]
+    assert "休息" in text and "500" in text
+    assert "<" not in text and "channel" not in text
+
+
+async def test_the_deliverer_outlives_a_full_queue(
+    senv: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alerts dropped from a full queue while one is being sent do not end delivery."""
+    monkeypatch.setattr(gateway, "ALERT_PENDING_MAX", 3)
+    receiver = serve_receiver()
+    slow = asyncio.Event()
+    original = _Hook.post
+
+    async def held(self: _Hook) -> None:  # the first delivery waits until the queue overflowed
+        await slow.wait()
+        original(self)
+
+    monkeypatch.setattr(_Hook, "post", held)
+    senv.write_users({"alice": {"api_key": ALICE_KEY}})
+    await senv.start(alert_webhook=receiver.url())
+    alerts = senv.gateways[0].service.alerts  # type: ignore[union-attr]
+    for n in range(10):
+        alerts.emit("test", f"alert {n}")
+        await asyncio.sleep(0.01)
+    slow.set()
+    await until(lambda: not alerts.pending)
+    assert alerts._task is not None and not alerts._task.done()
+    alerts.emit("test", "after")
+    await until(lambda: any(d.get("detail") == "after" for d in receiver.docs()))
+    receiver.server.stop()

@@ -154,3 +154,30 @@ async def test_the_dashboard_shows_todays_cost_per_user_and_model(senv: Env) -> 
     assert len(cost["days"]) == 14
     assert cost["history"]["gpt-4o"][-1] == [2, 2200, pytest.approx(2 * one)]
     assert cost["history"]["llama3"][:-1] == [[0, 0, 0.0]] * 13
+
+
+async def test_the_dashboards_costs_read_only_what_the_call_log_gained(senv: Env) -> None:
+    """Each poll reads on from where the last stopped (a busy day's log is not parsed again
+    every 2 s); a log that shrank is read again from its start."""
+    senv.write_users({"alice": {"api_key": ALICE_KEY}})
+    prices = senv.tmp / "prices.yaml"
+    prices.write_text('"m*": {input: 1.0, output: 1.0}\n')
+    senv.upstream.usage = {"prompt_tokens": 500, "completion_tokens": 500, "total_tokens": 1000}
+    client = await senv.start(prices_file=str(prices))
+    service = senv.gateways[0].service
+    assert service is not None
+    today = service.clock.today()
+    body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await client.call(body))[0] == 200
+    first = await service.cost_report(today)
+    assert first["users"] == {"alice": pytest.approx(0.001)}
+    offset = service._cost_days[today][0]
+    assert offset == service.calls.path(today).stat().st_size
+    assert (await client.call(body))[0] == 200
+    second = await service.cost_report(today)
+    assert second["users"] == {"alice": pytest.approx(0.002)}
+    assert service._cost_days[today][0] > offset
+    path = service.calls.path(today)
+    path.write_text(path.read_text().splitlines()[0] + "\n")  # shrank: one line left
+    third = await service.cost_report(today)
+    assert third["users"] == {"alice": pytest.approx(0.001)}
