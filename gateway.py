@@ -3566,6 +3566,8 @@ class Route:
 
     model: str
     groups: tuple[tuple[Channel, ...], ...]
+    requested: str = ""  # the model name the client sent
+    api: str = API_OPENAI  # what the upstreams speak
 
     def channels(self) -> Iterator[Channel]:
         for group in self.groups:
@@ -3674,6 +3676,8 @@ class Router:
             route = Route(
                 target,
                 tuple(tuple(c for c in serving if c.spec.priority == p) for p in priorities),
+                model,
+                api,
             )
         if len(self._routes) >= MAX_ROUTES_CACHED:
             self._routes.clear()
@@ -5663,8 +5667,14 @@ class Service:
         """Make a call through the route's upstreams: an attempt on the upstream and key the
         Router picks; after a retryable failure, another attempt on a different upstream or
         key, up to `retries` more (a stream that reached the client never fails here, so it
-        is never retried). Raises the last failure, with every attempt, if none answered."""
+        is never retried). Raises the last failure, with every attempt, if none answered.
+
+        A call that waited in the queue across a reload of upstreams.yaml goes by the new
+        routing, as long as it sends the same model name upstream (its body is built)."""
         router = self.router
+        current = router.route(route.requested, route.api)
+        if current is not None and current.model == route.model:
+            route = current
         tried_upstreams: set[str] = set()
         tried_keys: set[str] = set()
         attempts: list[dict[str, Any]] = []

@@ -1158,7 +1158,9 @@ async def test_rest_and_figures_survive_a_reload(senv: Env, fakes: Callable[...,
 
 
 async def test_hot_reload_under_load_loses_nothing(senv: Env, fakes: Callable[..., Fake]) -> None:
-    a, b, c = fakes(delay=0.1), fakes(delay=0.1), fakes(delay=0.1)
+    # Slow enough (7 rounds of 32 calls, 0.25 s each) that every rewrite lands mid-load,
+    # also on a busy CI machine.
+    a, b, c = fakes(delay=0.25), fakes(delay=0.25), fakes(delay=0.25)
     docs = [
         {"upstreams": {"a": up(a, weight=1), "b": up(b, K2, weight=1)}},
         {"upstreams": {"a": up(a, weight=1), "b": up(b, K2, weight=3)}},
