@@ -2,7 +2,8 @@
 
 POST .../chat/completions answers a chat completion with usage, or with "stream": true an SSE
 stream (--chunks events --chunk-delay apart, a usage chunk when asked, then [DONE]).
-GET .../models lists one model. Anything else is a 404.
+GET .../models lists one model. GET /stats counts the chat completions answered so far.
+Anything else is a 404.
 
     python bench/fake_upstream.py --port 9101 [--delay 0.05] [--chunks 5] [--chunk-delay 0]
 """
@@ -29,6 +30,7 @@ REPLY = json.dumps(
     }
 ).encode()
 MODELS = b'{"object":"list","data":[{"id":"bench","object":"model"}]}'
+ANSWERED = [0]  # chat completions answered (GET /stats)
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -99,7 +101,10 @@ class Upstream(asyncio.Protocol):
             return
         if method == "GET" and path.endswith("/models"):
             self.respond(200, MODELS)
+        elif method == "GET" and path == "/stats":
+            self.respond(200, json.dumps({"chat": ANSWERED[0]}).encode())
         elif method == "POST" and path.endswith("/chat/completions"):
+            ANSWERED[0] += 1
             request = json.loads(body)
             if request.get("stream"):
                 include = bool((request.get("stream_options") or {}).get("include_usage"))

@@ -1056,6 +1056,29 @@ async def test_charges_after_redis_lost_its_data_are_listed(
         await s.close()
 
 
+async def test_a_flushed_script_cache_is_refilled_and_limits_stay_exact(
+    redis_server: RedisServer,
+) -> None:
+    """Calls in flight share pipelines; when Redis has forgotten the scripts (a restart,
+    SCRIPT FLUSH), every EVALSHA in the pipeline fails unrun, and all are sent again."""
+    s = open_store(redis_server.url(prefix=f"t{uuid.uuid4().hex[:12]}"))
+    await s.start()
+    day = today()
+    user = mkuser("flush", rl=37)
+    try:
+        for _ in range(2):
+            conn = redis_server.client()
+            conn.script_flush()
+            conn.close()
+            granted, refused = await reserve_all(s, user, day, 100)
+            await asyncio.gather(*(s.settle(r, used(1), FACTS) for r in granted[:20]))
+            await asyncio.gather(*(s.release(r) for r in granted[20:]))
+        assert (await s.counts("flush", day)).requests == 37
+        assert len(granted) == 37 - 20 and len(refused) == 100 - 17
+    finally:
+        await s.close()
+
+
 async def test_no_secret_reaches_redis(senv: Env, redis_server: RedisServer) -> None:
     prefix = f"canary{uuid.uuid4().hex[:8]}"
     client = await senv.start(store=redis_server.url(prefix=prefix))
