@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -605,6 +605,51 @@ async def test_days_are_separate_and_prune_removes_old_days_only(
         left = sorted(p.name for p in root.iterdir())
         assert not [n for n in left if n.startswith((days[4], days[5]))], left
         assert any(n.startswith(days[3]) for n in left)
+
+
+# Midnight, through a gateway on each backend: the day comes from the gateway's clock (the
+# configured zone), the rolling minute from the store.
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+def shanghai(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=SHANGHAI).timestamp()
+
+
+async def test_counters_start_at_zero_at_local_midnight(senv: Env, store_url: str) -> None:
+    senv.write_users({"alice": {"api_key": ALICE_KEY, "daily_request_limit": 1}})
+    senv.clock.t = shanghai("2026-11-26T23:59:00")
+    client = await senv.start(store=store_url)
+    assert (await client.call(VALID))[0] == 200
+    status, doc, headers = await client.call(VALID)
+    assert status == 429, doc
+    senv.clock.t = shanghai("2026-11-27T00:00:00")  # 16:00 UTC: midnight in Shanghai
+    status, doc, _ = await client.call(VALID)
+    assert status == 200, doc
+    assert doc["data"]["daily_limits"]["requests"]["used"] == 1
+    store = senv.gateways[0].service.store
+    assert (await store.counts("alice", "2026-11-26")).requests == 1
+    assert (await store.counts("alice", "2026-11-27")).requests == 1
+    assert (await client.status())["stats"]["today_requests"] == 1
+
+
+async def test_a_call_admitted_before_midnight_settles_on_that_day(
+    senv: Env, store_url: str
+) -> None:
+    senv.clock.t = shanghai("2026-11-26T23:59:59.9")
+    senv.upstream.delay = 0.5
+    client = await senv.start(store=store_url)
+    pending = asyncio.ensure_future(client.call(VALID))
+    await asyncio.sleep(0.2)
+    senv.clock.t = shanghai("2026-11-27T00:00:00.1")  # midnight passes while it is in flight
+    status, doc, _ = await pending
+    assert status == 200, doc
+    assert doc["data"]["daily_limits"]["requests"]["used"] == 1
+    store = senv.gateways[0].service.store
+    assert await store.counts("alice", "2026-11-26") == Counts(1, 15, 0, 0)
+    assert await store.counts("alice", "2026-11-27") == Counts()
+    assert (await client.status())["stats"]["today_requests"] == 0
+    assert await store.usage("2026-11-26") == {"alice": (1, 15)}
 
 
 async def test_peek(store: gateway.UsageStore) -> None:
