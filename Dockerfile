@@ -4,7 +4,7 @@ WORKDIR /app
 COPY requirements.txt .
 # tzdata: slim images have no zone database, which --timezone needs.
 # redis: the Redis store (--store=redis://…); loaded only when that store is chosen.
-RUN pip install --no-cache-dir -r requirements.txt tzdata 'redis>=5,<7' \
+RUN pip install --no-cache-dir -r requirements.txt tzdata 'redis[hiredis]>=5,<7' \
  && groupadd --system --gid 10001 gateway \
  && useradd --system --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin gateway \
  && mkdir -p /app/data \

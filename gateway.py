@@ -2487,7 +2487,7 @@ class RedisStore(UsageStore):
             import redis.asyncio  # noqa: PLC0415 - only deployments with a Redis store need it
         except ImportError:
             raise ConfigError(
-                "--store=redis… needs the redis package: pip install 'redis>=5,<7'"
+                "--store=redis… needs the redis package: pip install 'redis[hiredis]>=5,<7'"
             ) from None
         parts = urllib.parse.urlsplit(url)
         query = urllib.parse.parse_qs(parts.query)
