@@ -592,7 +592,8 @@ class Config:
 
     def secrets(self) -> tuple[str, ...]:
         """The configured secrets: redacted wherever outside text enters the gateway."""
-        return (self.upstream_api_key, self.anthropic_api_key, self.admin_key, self.alert_secret)
+        keys = (self.upstream_api_key, self.anthropic_api_key, self.admin_key, self.alert_secret)
+        return keys + webhook_tokens(self.alert_webhook)
 
     def tz(self) -> tzinfo | None:
         """The configured zone, or None for the machine's local zone."""
@@ -4696,6 +4697,18 @@ ALERT_THRESHOLDS = (80, 100)  # percent of a daily limit
 ALERT_RETRY_MAX = 300.0  # seconds between delivery attempts, at most
 ALERT_ATTEMPTS = 12  # then the alert is dropped (logged)
 ALERT_PENDING_MAX = 10_000  # alerts waiting for delivery; beyond it the oldest are dropped
+
+
+def webhook_tokens(value: str) -> tuple[str, ...]:
+    """The parts of --alert-webhook URLs that are tokens (Slack's path, DingTalk's
+    access_token, WeCom's key, Feishu's hook id): path segments and query values of 16
+    characters or more, redacted like the keys."""
+    tokens: list[str] = []
+    for item in value.split(","):
+        parts = urllib.parse.urlsplit(item.strip().partition("#")[0])
+        pieces = parts.path.split("/") + [v for _, v in urllib.parse.parse_qsl(parts.query)]
+        tokens += [p for p in pieces if len(p) >= 16]
+    return tuple(tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -257,3 +257,22 @@ async def test_the_deliverer_outlives_a_full_queue(
     alerts.emit("test", "after")
     await until(lambda: any(d.get("detail") == "after" for d in receiver.docs()))
     receiver.server.stop()
+
+
+def test_webhook_tokens_are_redacted_like_keys() -> None:
+    slack = "https://hooks.slack.com/services/T0AAAAAAA/B0BBBBBBB/abcdefGHIJKL0123456789xy"
+    ding = "https://oapi.dingtalk.com/robot/send?access_token=" + "ab12" * 16
+    wecom = (
+        "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=693a91f6-7xxx-4bc4-97a0-0ec2sifa5aaa"
+    )
+    config = gateway.Config(alert_webhook=f"{slack}#slack,{ding}#dingtalk,{wecom}#wecom")
+    redactor = gateway.Redactor(config.secrets())
+    tokens = ["abcdefGHIJKL0123456789xy", "ab12" * 16, "693a91f6-7xxx-4bc4-97a0-0ec2sifa5aaa"]
+    for url in (slack, ding, wecom):
+        line = redactor.text(f"POST {url} failed: HTTP 599")
+        assert not [t for t in tokens if t in line], line
+        assert "failed: HTTP 599" in line
+    # ...and the log guard installed from that configuration withholds them too.
+    assert set(tokens) <= set(config.secrets())
+    # Ordinary words of a URL are not secrets: the host and short segments stay readable.
+    assert "hooks.slack.com/services" in redactor.text(f"POST {slack}")

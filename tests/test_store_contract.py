@@ -621,7 +621,7 @@ async def test_counters_start_at_zero_at_local_midnight(senv: Env, store_url: st
     senv.clock.t = shanghai("2026-11-26T23:59:00")
     client = await senv.start(store=store_url)
     assert (await client.call(VALID))[0] == 200
-    status, doc, headers = await client.call(VALID)
+    status, doc, _ = await client.call(VALID)
     assert status == 429, doc
     senv.clock.t = shanghai("2026-11-27T00:00:00")  # 16:00 UTC: midnight in Shanghai
     status, doc, _ = await client.call(VALID)
