@@ -1539,9 +1539,26 @@ class UsageStore(abc.ABC):
     held_until = "a restart"  # when a slot whose release failed is free again
     listener: Callable[[str, str], None] | None = None  # told when the store fails or is back
 
+    problem: str = ""  # the last failure, until an operation succeeds again
+
     def tell(self, event: str, detail: str) -> None:
         if self.listener is not None:
             self.listener(event, detail)
+
+    def failed(self, what: str, e: BaseException | str) -> None:
+        """An operation failed: logged and alerted once, until the store works again."""
+        if not self.problem:
+            log.error("usage store %s: %s failed: %s", self.name, what, e)
+            kind = type(e).__name__ if isinstance(e, BaseException) else str(e)
+            self.tell("store_failed", f"用量存储 {self.name} 不可用: {kind}"[:300])
+        self.problem = (f"{type(e).__name__}: {e}" if isinstance(e, BaseException) else e)[:300]
+
+    def worked(self) -> None:
+        """An operation succeeded: if the store had failed, it is back."""
+        if self.problem:
+            log.warning("usage store %s is back", self.name)
+            self.tell("store_back", f"用量存储 {self.name} 已恢复")
+            self.problem = ""
 
     @abc.abstractmethod
     async def start(self) -> None: ...
@@ -1961,9 +1978,12 @@ class _Ledger:
             written = os.write(self.fd, data)
             end = os.lseek(self.fd, 0, os.SEEK_CUR)
         except OSError as e:
+            self.store.failed("write", e)
             raise StoreError(f"cannot write {self.journal}: {e.strerror}") from None
         if written != len(data):
+            self.store.failed("write", "short write (disk full?)")
             raise StoreError(f"short write to {self.journal} (disk full?)")
+        self.store.worked()
         self.written += 1
         self._own[end - len(data) + 1] = rec
         return end
@@ -1982,6 +2002,7 @@ class _Ledger:
             await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self.fd)
             self.synced = max(self.synced, upto)
         except OSError as e:
+            self.store.failed("fsync", e)
             raise StoreError(f"cannot fsync {self.journal}: {e.strerror}") from None
         finally:
             # Cleared before this task completes, so a woken waiter never awaits a done task.
@@ -2535,7 +2556,6 @@ class RedisStore(UsageStore):
         self._totals: dict[str, tuple[float, tuple[int, int]]] = {}
         self._active: set[tuple[str, str]] = set()  # (day, user) who called since maintain()
         self._renewing: asyncio.Task[None] | None = None
-        self.problem = ""  # the last failure, until a call succeeds
 
     def _keys(self, day: str, user: str) -> list[str]:
         tag = "{" + f"{self.prefix}:{day}:{user}" + "}"
@@ -2548,17 +2568,11 @@ class RedisStore(UsageStore):
         try:
             result = await work
         except self._errors as e:
-            if not self.problem:
-                log.error("usage store %s: %s failed: %s", self.name, what, e)
-                self.tell("store_failed", f"用量存储 {self.name} 不可用: {type(e).__name__}")
-            self.problem = f"{type(e).__name__}: {e}"[:300]
+            self.failed(what, e)
             raise StoreUnavailable(
                 f"usage store {self.name} unavailable ({self.problem})"
             ) from None
-        if self.problem:
-            log.warning("usage store %s is back", self.name)
-            self.tell("store_back", f"用量存储 {self.name} 已恢复")
-            self.problem = ""
+        self.worked()
         return result
 
     def _send(self, *command: Any) -> asyncio.Future[Any]:

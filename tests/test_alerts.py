@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import subprocess
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -276,3 +277,25 @@ def test_webhook_tokens_are_redacted_like_keys() -> None:
     assert set(tokens) <= set(config.secrets())
     # Ordinary words of a URL are not secrets: the host and short segments stay readable.
     assert "hooks.slack.com/services" in redactor.text(f"POST {slack}")
+
+
+async def test_the_file_store_failing_and_back_are_alerts(senv: Env) -> None:
+    receiver = serve_receiver()
+    client = await senv.start(alert_webhook=receiver.url())
+    assert (await client.call())[0] == 200
+    journal = senv.data_dir / f"{senv.gateways[0].clock.today()}.jsonl"
+    # chattr +i: not even root may write, through the gateway's open file too
+    if subprocess.run(["chattr", "+i", str(journal)], capture_output=True).returncode:
+        pytest.skip("this file system has no immutable attribute (chattr +i)")
+    try:
+        for _ in range(3):
+            assert (await client.call())[0] == 500
+        await until(lambda: [d["event"] for d in receiver.docs()] == ["store_failed"])
+    finally:
+        subprocess.run(["chattr", "-i", str(journal)], check=True)
+    assert (await client.call())[0] == 200
+    await until(lambda: [d["event"] for d in receiver.docs()] == ["store_failed", "store_back"])
+    failed, back = receiver.docs()
+    assert "file:" in failed["detail"] and "PermissionError" in failed["detail"]
+    assert "已恢复" in back["detail"]
+    receiver.server.stop()
