@@ -1007,6 +1007,15 @@ def _limit(value: Any, where: str) -> int:
     return value
 
 
+def model_glob(where: str, value: Any) -> str:
+    """A model glob of users.yaml or upstreams.yaml, checked."""
+    if not isinstance(value, str) or not 1 <= len(value) <= 200 or not value.isprintable():
+        raise ConfigError(f"{where}: a model glob must be 1-200 printable characters")
+    if value.count("[") != value.count("]"):
+        raise ConfigError(f"{where}: unbalanced [ ] in model glob {value!r}")
+    return value
+
+
 def _policy_value(name: str, value: Any, where: str) -> Any:
     """One policy setting of users.yaml, checked and converted."""
     if name in ("rpm", "tpm", "max_concurrency"):
@@ -1035,10 +1044,7 @@ def _policy_value(name: str, value: Any, where: str) -> Any:
     if name == "models":
         if not isinstance(value, list) or not value or len(value) > 1000:
             raise ConfigError(f"{where} must be a list of 1-1000 model globs")
-        for glob in value:
-            if not isinstance(glob, str) or not 1 <= len(glob) <= 200 or not glob.isprintable():
-                raise ConfigError(f"{where}: a model glob is 1-200 printable characters")
-        return tuple(value)
+        return tuple(model_glob(where, glob) for glob in value)
     # allow_ips
     if not isinstance(value, list) or len(value) > 1000:
         raise ConfigError(f"{where} must be a list of addresses or networks (10.0.0.0/8)")
@@ -1333,6 +1339,26 @@ class UsersEdit:
         if at == len(self.text) and not self.text.endswith("\n"):
             line = "\n" + line
         self._splice(at, at, line)
+
+    def unset(self, name: str, field: str) -> bool:
+        """Delete users.NAME.FIELD (its line, or its part of a flow mapping); False if the
+        entry does not set it."""
+        entry = self._entry(name)
+        for i, (key, node) in enumerate(entry.value):
+            if not (isinstance(key, yaml.ScalarNode) and key.value == field):
+                continue
+            if not entry.flow_style:
+                start = self.text.rfind("\n", 0, key.start_mark.index) + 1
+                self._splice(start, _line_end(self.text, _last_index(node)), "")
+                return True
+            start, end = key.start_mark.index, node.end_mark.index
+            if i + 1 < len(entry.value):  # up to the next key: its comma goes along
+                end = entry.value[i + 1][0].start_mark.index
+            elif i > 0:  # the last one: from the end of the one before
+                start = entry.value[i - 1][1].end_mark.index
+            self._splice(start, end, "")
+            return True
+        return False
 
     def remove(self, name: str) -> None:
         """Delete users.NAME's lines (comments above it stay)."""
@@ -3282,7 +3308,7 @@ def parse_prices(doc: Any, where: str = "prices") -> tuple[Price, ...]:
     out = []
     for glob, entry in doc.items():
         here = f"{where}.{glob}"
-        _glob(where, glob)
+        model_glob(where, glob)
         if not isinstance(entry, dict) or set(entry) - {"input", "output", "cached_input"}:
             raise ConfigError(f"{here} must be {{input: …, output: …, cached_input: …}}")
         if "input" not in entry or "output" not in entry:
@@ -3415,14 +3441,6 @@ def _keys_of(where: str, entry: dict[str, Any], env: Mapping[str, str]) -> tuple
     return tuple(dict.fromkeys(keys))
 
 
-def _glob(where: str, value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 200 or not value.isprintable():
-        raise ConfigError(f"{where}: a model glob must be 1-200 printable characters")
-    if value.count("[") != value.count("]"):
-        raise ConfigError(f"{where}: unbalanced [ ] in model glob {value!r}")
-    return value
-
-
 def parse_routing(text: str, env: Mapping[str, str], config: Config) -> RoutingSpec:
     """upstreams.yaml, validated strictly; raises ConfigError naming the first problem."""
     try:
@@ -3480,7 +3498,7 @@ def parse_routing(text: str, env: Mapping[str, str], config: Config) -> RoutingS
                 name=name,
                 base_url=url.rstrip("/"),  # type: ignore[union-attr]
                 keys=_keys_of(where, entry, env),
-                models=tuple(_glob(f"{where}.models", m) for m in models),
+                models=tuple(model_glob(f"{where}.models", m) for m in models),
                 priority=_number(f"{where}.priority", entry.get("priority", 0), int, 0, 1000),
                 weight=_number(f"{where}.weight", entry.get("weight", 1), int, 1, 10_000),
                 max_concurrency=_number(
@@ -8113,6 +8131,43 @@ class AdminError(Exception):
     """A command that cannot be done as asked (unknown user, duplicate…): exit status 1."""
 
 
+USER_POLICY_FIELDS = frozenset(_POLICY_FIELDS | {"group"})
+
+
+def policy_values(args: argparse.Namespace) -> dict[str, str]:
+    """`user policy` options as YAML values for users.yaml (strings quoted as JSON, which
+    is YAML too; lists in flow style)."""
+    values: dict[str, str] = {}
+    for field in ("rpm", "tpm", "max_concurrency", "weight"):
+        if getattr(args, field, None) is not None:
+            values[field] = str(getattr(args, field))
+    for field in ("models", "allow_ips"):
+        text = getattr(args, field, None)
+        if text is not None:
+            items = [i.strip() for i in text.split(",") if i.strip()]
+            values[field] = "[" + ", ".join(json.dumps(i) for i in items) + "]"
+    for field in ("expires", "token_policy", "group"):
+        if getattr(args, field, None) is not None:
+            values[field] = json.dumps(getattr(args, field))
+    return values
+
+
+def describe_policy(u: User) -> str:
+    p = u.policy
+    parts = [
+        f"group {u.group or '-'}",
+        f"models {','.join(p.models)}",
+        f"rpm {p.rpm or '-'}",
+        f"tpm {p.tpm or '-'}",
+        f"max_concurrency {p.max_concurrency or '-'}",
+        f"expires {p.expires or '-'}",
+        f"allow_ips {','.join(map(str, p.allow_ips)) or 'any'}",
+        f"weight {p.weight}",
+        f"token_policy {p.token_policy}",
+    ]
+    return "; ".join(parts)
+
+
 def _admin_parser() -> argparse.ArgumentParser:
     # Accepted before or after the action; SUPPRESS keeps a later parser's default from
     # overwriting a value given earlier.
@@ -8137,6 +8192,29 @@ def _admin_parser() -> argparse.ArgumentParser:
             p.add_argument("name")
         p.add_argument("--requests", type=int, help="daily request limit (default: defaults)")
         p.add_argument("--tokens", type=int, help="daily token limit (default: defaults)")
+    pol = actions.add_parser(
+        "policy",
+        help="set or remove a user's policy settings (models, rpm, tpm, …)",
+        parents=[common],
+    )
+    pol.add_argument("name")
+    pol.add_argument("--models", help="comma-separated model globs the key may call (gpt-4o*)")
+    pol.add_argument("--rpm", type=int, help="requests per rolling minute (0: no limit)")
+    pol.add_argument("--tpm", type=int, help="tokens per rolling minute (0: no limit)")
+    pol.add_argument("--max-concurrency", type=int, help="calls in flight at once (0: no limit)")
+    pol.add_argument("--expires", help="the key stops working after this day, YYYY-MM-DD")
+    pol.add_argument("--allow-ips", help="comma-separated addresses or networks (10.0.0.0/8)")
+    pol.add_argument("--weight", type=int, help="share of the workers when calls wait (1-1000)")
+    pol.add_argument("--token-policy", choices=TOKEN_POLICIES, help="admit, reserve or strict")
+    pol.add_argument("--group", help="the user's group (from groups: in users.yaml)")
+    pol.add_argument(
+        "--unset",
+        action="append",
+        default=[],
+        choices=sorted(USER_POLICY_FIELDS),
+        metavar="FIELD",
+        help="remove a setting, so the group's or defaults' applies (repeatable)",
+    )
     lst = actions.add_parser("list", help="users, limits and today's usage", parents=[common])
     lst.add_argument("--format", choices=formats, default="table")
     for action, text in (
@@ -8295,6 +8373,23 @@ class Admin:
                 edit.set(name, "daily_request_limit", str(_limit(requests, "--requests")))
             if tokens is not None:
                 edit.set(name, "daily_token_limit", str(_limit(tokens, "--tokens")))
+
+        return self._edit(name, change)[name]
+
+    def policy(self, name: str, values: dict[str, str], unset: list[str]) -> User:
+        """Set (as YAML values) and remove a user's policy settings; the file is checked as
+        a whole before it is written (unknown group, bad glob, bad network…)."""
+        if not values and not unset:
+            raise ConfigError("give a setting to change (--rpm, --models, … or --unset FIELD)")
+        both = sorted(values.keys() & set(unset))
+        if both:
+            raise ConfigError(f"{', '.join(both)}: set and unset at once")
+
+        def change(edit: UsersEdit) -> None:
+            for field, value in values.items():
+                edit.set(name, field, value)
+            for field in unset:
+                edit.unset(name, field)
 
         return self._edit(name, change)[name]
 
@@ -8476,6 +8571,10 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
                 f"{u.daily_token_limit} tokens a day",
                 file=out,
             )
+        elif action == "policy":
+            values = policy_values(args)
+            u = admin.policy(name, values, args.unset)
+            print(f"user {name!r}: {describe_policy(u)}", file=out)
         elif action == "reset":
             before = run(admin.reset(name))
             print(
@@ -8499,6 +8598,8 @@ def admin_main(argv: list[str], env: dict[str, str]) -> int:
                 ] + (["api_key"] if action == "add" else [])
             elif action == "rotate":
                 details["fields"] = ["api_key"]
+            elif action == "policy":
+                details["fields"] = sorted([*policy_values(args), *args.unset])
             admin.audit.write(audit_actor(), f"user {action}", name, **details)
     except AdminError as e:
         print(f"gateway: {e}", file=sys.stderr)

@@ -304,3 +304,112 @@ async def test_reset_among_waves_of_calls_on_two_processes(
     after = kinds[kinds.index("z") :].count("s")
     assert alice["requests_today"] == after <= 20
     assert kinds.count("s") == ok
+
+
+# ---------------------------------------------------------------- policy settings
+
+
+async def test_policy_sets_and_unsets_settings_and_is_audited(tmp_path: Path) -> None:
+    path = commented(tmp_path)
+    path.write_text(path.read_text().replace("users:\n", "groups:\n  interns: {rpm: 10}\nusers:\n"))
+    before = path.read_text().splitlines()
+    code, out, err = await cli(
+        tmp_path, "user", "policy", "alice", "--rpm", "30", "--tpm", "9000",
+        "--models", "gpt-4o*, claude-*", "--max-concurrency", "2", "--expires", "2027-01-31",
+        "--allow-ips", "10.0.0.0/8,127.0.0.1", "--weight", "3", "--token-policy", "strict",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "rpm 30" in out and "token_policy strict" in out
+    alice = gateway.parse_users(path.read_text())["alice"]
+    p = alice.policy
+    assert (p.rpm, p.tpm, p.max_concurrency, p.weight, p.token_policy) == (30, 9000, 2, 3, "strict")
+    assert p.models == ("gpt-4o*", "claude-*")
+    assert str(p.expires) == "2027-01-31"
+    assert [str(n) for n in p.allow_ips] == ["10.0.0.0/8", "127.0.0.1/32"]
+    assert alice.daily_token_limit == 5000  # the merge key still applies
+    after = path.read_text().splitlines()
+    assert [line for line in before if line not in after] == []  # only lines were added
+    # carol is a flow mapping: the group goes in, her own rpm comes out again
+    assert (await cli(tmp_path, "user", "policy", "carol", "--group", "interns", "--rpm", "4"))[
+        0
+    ] == 0
+    assert gateway.parse_users(path.read_text())["carol"].policy.rpm == 4
+    code, out, err = await cli(tmp_path, "user", "policy", "carol", "--unset", "rpm")
+    assert code == 0, err
+    carol = gateway.parse_users(path.read_text())["carol"]
+    assert (carol.group, carol.policy.rpm) == ("interns", 10)  # the group's applies again
+    code, _, err = await cli(
+        tmp_path, "user", "policy", "alice", "--unset", "models", "--unset", "allow_ips"
+    )
+    assert code == 0, err
+    alice = gateway.parse_users(path.read_text())["alice"]
+    assert alice.policy.models == ("*",) and alice.policy.allow_ips == ()
+    assert alice.policy.rpm == 30
+    lines = [
+        json.loads(line)
+        for f in sorted((tmp_path / "data" / "audit").glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    assert [(x["action"], x["target"], x["fields"]) for x in lines] == [
+        (
+            "user policy",
+            "alice",
+            sorted(
+                [
+                    "rpm",
+                    "tpm",
+                    "models",
+                    "max_concurrency",
+                    "expires",
+                    "allow_ips",
+                    "weight",
+                    "token_policy",
+                ]
+            ),
+        ),
+        ("user policy", "carol", ["group", "rpm"]),
+        ("user policy", "carol", ["rpm"]),
+        ("user policy", "alice", ["allow_ips", "models"]),
+    ]
+
+
+@pytest.mark.slow
+async def test_policy_errors_change_nothing(tmp_path: Path) -> None:
+    path = commented(tmp_path)
+    original = path.read_text()
+    for args, code, words in (
+        (("nobody", "--rpm", "1"), 1, "no user 'nobody'"),
+        (("alice",), 2, "give a setting"),
+        (("alice", "--rpm", "-1"), 2, ">= 0"),
+        (("alice", "--weight", "0"), 2, "1 to 1000"),
+        (("alice", "--expires", "2027-02-30"), 2, "YYYY-MM-DD"),
+        (("alice", "--allow-ips", "10.0.0.300"), 2, "not an address"),
+        (("alice", "--models", "gpt-[4"), 2, "unbalanced"),
+        (("alice", "--group", "nobody"), 2, "no group"),
+        (("alice", "--rpm", "3", "--unset", "rpm"), 2, "set and unset"),
+        (("alice", "--unset", "api_key"), 2, "invalid choice"),
+        (("alice", "--token-policy", "lax"), 2, "invalid choice"),
+    ):
+        got, _, err = await cli(tmp_path, "user", "policy", *args)
+        assert (got, words in err) == (code, True), (args, err)
+    assert path.read_text() == original
+
+
+async def test_a_running_gateway_applies_a_policy_change(senv: Env) -> None:
+    client = await senv.start()
+    for _ in range(3):
+        assert (await client.call())[0] == 200
+    code, _, err = await cli(senv, "user", "policy", "alice", "--rpm", "3")
+    assert code == 0, err
+
+    async def refused() -> bool:
+        return (await client.call())[0] == 429
+
+    await eventually(refused)
+    code, _, err = await cli(senv, "user", "policy", "alice", "--unset", "rpm")
+    assert code == 0, err
+
+    async def admitted() -> bool:
+        return (await client.call())[0] == 200
+
+    await eventually(admitted)

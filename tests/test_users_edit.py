@@ -104,3 +104,53 @@ def test_edits_give_the_intended_users_and_keep_comments(
         # lines go with them.
         if line.lstrip().startswith("#") or ("#" in line and not removed):
             assert any(line.split("#", 1)[1] in k for k in kept), line
+
+
+POLICY_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["rpm", "models", "unset rpm", "unset models", "unset tokens"]),
+        NAMES,
+        st.integers(0, 10**6),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(users_files(), POLICY_OPS)
+def test_policy_settings_set_and_unset_in_any_style(
+    generated: tuple[str, dict[str, dict[str, object]]], ops: list[tuple[str, str, int]]
+) -> None:
+    """`user policy`'s edits: set a setting, or remove it (the default applies again), on
+    block and flow entries alike; the other users and the comments stay as they were."""
+    text, model = generated
+    edit = gateway.UsersEdit(text)
+    for op, name, n in ops:
+        if name not in model:
+            continue
+        entry = model[name]
+        if op == "rpm":
+            edit.set(name, "rpm", str(n))
+            entry["rpm"] = n
+        elif op == "models":
+            globs = [f"m{n}-*", "gpt-4o"][: n % 2 + 1]
+            edit.set(name, "models", "[" + ", ".join(f'"{g}"' for g in globs) + "]")
+            entry["models"] = tuple(globs)
+        else:
+            field = {"unset rpm": "rpm", "unset models": "models"}.get(op, "daily_token_limit")
+            assert edit.unset(name, field) == (field in entry)
+            entry.pop(field, None)
+        gateway.parse_users(edit.text)  # valid after every single edit
+    users = gateway.parse_users(edit.text)
+    assert set(users) == set(model)
+    for name, entry in model.items():
+        u = users[name]
+        assert u.key_sha256.hex() == entry["api_key_sha256"]
+        assert u.enabled == entry.get("enabled", True)
+        assert u.daily_token_limit == entry.get("daily_token_limit", 100000)
+        assert u.policy.rpm == entry.get("rpm", 0)
+        assert u.policy.models == entry.get("models", ("*",))
+    kept = edit.text.splitlines()
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            assert line in kept, line
