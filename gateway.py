@@ -4108,6 +4108,34 @@ class CallRecord:
 _DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.(?:jsonl|json)$")
 
 
+@dataclass(slots=True)
+class Tally:
+    """Charged calls of the call log added up: the dashboard's costs and `usage --by`."""
+
+    requests: int = 0
+    tokens: int = 0
+    cost: float = 0.0  # of the priced calls
+    unpriced: int = 0
+
+    def add(self, line: dict[str, Any]) -> None:
+        self.requests += 1
+        self.tokens += int(line.get("total_tokens") or 0)
+        cost = line.get("cost")
+        if isinstance(cost, int | float):
+            self.cost += cost
+        else:
+            self.unpriced += 1
+
+
+def charged_line(line: Any) -> bool:
+    """Whether a call-log line is a charged call (an answer, or a stream cut short)."""
+    return (
+        isinstance(line, dict)
+        and bool(line.get("user"))
+        and (line.get("status") == 200 or bool(line.get("partial")))
+    )
+
+
 class CallLog:
     """One JSON line per finished call, filed under the day it was charged to.
 
@@ -5548,11 +5576,6 @@ def _cap_field(request: dict[str, Any], target: Target) -> str:
     return "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
 
 
-def _with_model(request: dict[str, Any], model: str) -> bytes:
-    """The request as sent upstream under another model name (upstreams.yaml `models:`)."""
-    return json.dumps({**request, "model": model}, ensure_ascii=False).encode()
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
     answer: Answer
@@ -5592,11 +5615,11 @@ class Service:
         routing = routing or default_routing(config)
         self.router = Router(routing, config, Redactor(config.secrets() + routing_secrets(routing)))
         self.router.on_event = self._upstream_event
-        self._upstream_models: dict[str, tuple[float, list[str]]] = {}
+        self._upstream_models: dict[str, tuple[float, dict[str, Any]]] = {}  # /models
         self._totals = (0, 0)  # today's totals as last read from the store
         self._file_prices = load_prices_file(config.prices_file)
         self._models_lock = asyncio.Lock()
-        self._cost_days: dict[str, list[Any]] = {}  # day -> [offset, users, models, by model]
+        self._cost_days: dict[str, list[Any]] = {}  # day -> [offset read, by user, by model]
         self._cost_lock = asyncio.Lock()
         self._alerted: dict[tuple[str, str, str], float] = {}
         self.queue = CallQueue(config.queue_size, config.concurrency, config.user_queue_share)
@@ -5613,7 +5636,6 @@ class Service:
         self.active = 0  # calls between admission and their answer
         self.idle = asyncio.Event()
         self.idle.set()
-        self._models: tuple[float, dict[str, Any]] | None = None
 
     def authenticate(self, key: str | None, address: str = "") -> User:
         """The user of a key, if it may call from this address today; else the 401/403."""
@@ -5979,14 +6001,14 @@ class Service:
         so it too waits for a worker, but with no slot reserved and nothing charged."""
         self.check_accepting(target.upstream_api)
         route = self.route(target, request.get("model"))
-        sent = body if route.model == request.get("model") else _with_model(request, route.model)
+        job = Job(call=_no_call, api=target.upstream_api)
+        sent, _ = self._upstream_body(target, route, body, request, job=job, stream=False)
 
         async def attempt(channel: Channel, key: KeyState) -> Answer:
             headers = _upstream_headers(target, channel)
             reply, raw = await channel.client.post_json(target.path, sent, headers, key.secret)
             return Answer(reply, Usage(0, 0, 0), raw=raw)
 
-        job = Job(call=_no_call, api=target.upstream_api)
         job.call = lambda: self.routed(route, attempt, job)
         job.user, job.weight = user.name, user.policy.weight  # its own place in fair share
         on_job(job)  # the handler keeps the body counted and tells the job if its client left
@@ -6009,7 +6031,7 @@ class Service:
     async def _fetch_models(self) -> dict[str, Any]:
         router = self.router
         if not router.spec.from_file:
-            return await self._default_models(router.channels["default"])
+            return await self._model_doc(router.channels["default"])  # as the upstream sent it
         names: list[str] = []
         for channel in router.channels.values():
             if channel.spec.api != API_OPENAI or not channel.keys:
@@ -6021,42 +6043,37 @@ class Service:
         names.extend(router.spec.aliases)
         return _model_list(list(dict.fromkeys(names)))
 
-    async def _default_models(self, channel: Channel) -> dict[str, Any]:
-        """The command line's upstream's own list, as it sent it (cached, stale beats none)."""
-        now = time.monotonic()
-        if self._models is not None and now - self._models[0] < MODELS_CACHE_SECONDS:
-            return self._models[1]
-        try:
-            key = channel.keys[0].secret if channel.keys else None
-            models = await channel.client.get_json("/models", key)
-        except UpstreamFailure as e:
-            if self._models is None:
-                raise
-            log.warning("model list from upstream failed (%s); serving the cached one", e)
-            return self._models[1]
-        self._models = (now, models)
-        return models
-
-    async def _upstream_list(self, channel: Channel) -> list[str] | None:
-        """An upstream's model ids (cached 5 minutes; the last good list if it fails); None
-        if it never answered."""
+    async def _model_doc(self, channel: Channel) -> dict[str, Any]:
+        """An upstream's /models answer, cached 5 minutes; when it fails, the last good one
+        (stale beats none), or UpstreamFailure if it never answered."""
         now = time.monotonic()
         cached = self._upstream_models.get(channel.name)
         if cached is not None and now - cached[0] < MODELS_CACHE_SECONDS:
             return cached[1]
         try:
-            doc = await channel.client.get_json("/models", channel.keys[0].secret)
+            key = channel.keys[0].secret if channel.keys else None
+            doc = await channel.client.get_json("/models", key)
+        except UpstreamFailure as e:
+            if cached is None:
+                raise
+            log.warning("model list of upstream %s failed (%s); kept the last", channel.name, e)
+            return cached[1]
+        self._upstream_models[channel.name] = (now, doc)
+        return doc
+
+    async def _upstream_list(self, channel: Channel) -> list[str] | None:
+        """An upstream's model ids; None if it never answered."""
+        try:
+            doc = await self._model_doc(channel)
         except UpstreamFailure as e:
             log.warning("model list of upstream %s failed (%s)", channel.name, e)
-            return cached[1] if cached else None
+            return None
         data = doc.get("data")
-        ids = [
+        return [
             m["id"][:200]
             for m in (data if isinstance(data, list) else [])[:10_000]
             if isinstance(m, dict) and isinstance(m.get("id"), str)
         ]
-        self._upstream_models[channel.name] = (now, ids)
-        return ids
 
     async def admin_state(self) -> dict[str, Any]:
         """Everything the dashboard shows: live figures, users today, history, failures."""
@@ -6154,7 +6171,7 @@ class Service:
             return {}, {}, {}
         entry = self._cost_days.get(day)
         if entry is None or size < entry[0]:
-            entry = [0, {}, {}, {}]
+            entry = [0, {}, {}]
         if size > entry[0]:
             try:
                 fd = open_private(path, os.O_RDONLY)
@@ -6165,30 +6182,25 @@ class Service:
             except OSError:
                 chunk = b""
             end = chunk.rfind(b"\n") + 1  # complete lines only
-            users, models, per_model = entry[1], entry[2], entry[3]
+            users, models = entry[1], entry[2]
             for raw in chunk[:end].splitlines():
                 try:
                     line = json.loads(raw)
                 except ValueError:
                     continue
-                if not isinstance(line, dict) or not line.get("user"):
-                    continue
-                if not (line.get("status") == 200 or line.get("partial")):
-                    continue
-                given = line.get("cost")
-                cost = float(given) if isinstance(given, int | float) else 0.0
-                model = str(line.get("model") or "")[:100]
-                users[line["user"]] = users.get(line["user"], 0.0) + cost
-                models[model] = models.get(model, 0.0) + cost
-                row = per_model.setdefault(model, [0, 0, 0.0])
-                row[0] += 1
-                row[1] += int(line.get("total_tokens") or 0)
-                row[2] += cost
+                if charged_line(line):
+                    users.setdefault(line["user"], Tally()).add(line)
+                    models.setdefault(str(line.get("model") or "")[:100], Tally()).add(line)
             entry[0] += end
         self._cost_days[day] = entry
         for old in sorted(self._cost_days)[:-HISTORY_DAYS]:
             del self._cost_days[old]
-        return entry[1], entry[2], {m: (r[0], r[1], r[2]) for m, r in entry[3].items()}
+        users, models = entry[1], entry[2]
+        return (
+            {u: t.cost for u, t in users.items()},
+            {m: t.cost for m, t in models.items()},
+            {m: (t.requests, t.tokens, t.cost) for m, t in models.items()},
+        )
 
     async def figures(self) -> Figures:
         """The live figures that the status route, the dashboard and /metrics all show."""
@@ -8460,31 +8472,22 @@ class Admin:
         """Charged calls from the call log (data/calls/), grouped: requests, tokens, cost
         (the sum of the priced calls) and how many calls had no price."""
         log_ = CallLog(str(self.audit.dir.parent), self.clock)
-        groups: dict[tuple[str, ...], list[Any]] = {}
+        groups: dict[tuple[str, ...], Tally] = {}
         for day in days:
             for line in log_.read(day):
-                if not (line.get("status") == 200 or line.get("partial")) or not line.get("user"):
-                    continue
-                if user is not None and line["user"] != user:
+                if not charged_line(line) or (user is not None and line["user"] != user):
                     continue
                 key = tuple(day if b == "day" else str(line.get(b) or "") for b in by)
-                g = groups.setdefault(key, [0, 0, 0.0, 0])
-                g[0] += 1
-                g[1] += int(line.get("total_tokens") or 0)
-                cost = line.get("cost")
-                if isinstance(cost, int | float):
-                    g[2] += cost
-                else:
-                    g[3] += 1
+                groups.setdefault(key, Tally()).add(line)
         return [
             {
                 **dict(zip(by, key, strict=True)),
-                "requests": r,
-                "tokens": t,
-                "cost": round(c, 6),
-                "unpriced": u,
+                "requests": t.requests,
+                "tokens": t.tokens,
+                "cost": round(t.cost, 6),
+                "unpriced": t.unpriced,
             }
-            for key, (r, t, c, u) in sorted(groups.items())
+            for key, t in sorted(groups.items())
         ]
 
     def days(self, on: str | None, last: int) -> list[str]:
