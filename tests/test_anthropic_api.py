@@ -1,6 +1,6 @@
 """Anthropic's Messages API through the gateway: POST /v1/messages and /v1/messages/count_tokens,
 driven black-box with the official `anthropic` SDK and raw HTTP, against a fake Anthropic
-upstream defined here (and against the --demo process's own mock)."""
+upstream (tests/fakes.py) and against the --demo process's own mock."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
 import pytest
 import tornado.httpclient
-import tornado.httpserver
-import tornado.iostream
 import tornado.testing
-import tornado.web
 from conftest import ALICE_KEY, ALL_SECRETS, Client, Env, Proc, data_text
+from fakes import ANTHROPIC_FINAL_OUTPUT as FINAL_OUTPUT
+from fakes import ANTHROPIC_MODEL as MODEL
+from fakes import ANTHROPIC_USAGE as USAGE
+from fakes import FakeAnthropic, serve_anthropic, sse_events, stop_server
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -28,20 +28,10 @@ CANARY = "sk-ant-canary-0123456789ABCDEFxyz"
 WRONG_KEY = "sk-wrong-CANARY-0000111122"
 DEMO_KEY = "your-api-key-here"
 BETA = "prompt-caching-2024-07-31,token-efficient-tools-2025-02-19"
-MODEL = "claude-sonnet-4-5"
 MSGS: list[dict[str, Any]] = [{"role": "user", "content": "hello there"}]
 VALID: dict[str, Any] = {"model": MODEL, "max_tokens": 64, "messages": MSGS}
 
-# The fake's usage: a JSON reply's, and a stream's at message_start and message_delta.
-USAGE = {
-    "input_tokens": 25,
-    "cache_creation_input_tokens": 7,
-    "cache_read_input_tokens": 100,
-    "output_tokens": 12,
-}
-PROMPT = 25 + 7 + 100
-START_USAGE = {**USAGE, "output_tokens": 1}  # as Anthropic sends it: output so far
-FINAL_OUTPUT = 9
+PROMPT = 25 + 7 + 100  # the fake's usage: input + cache writes + cache reads
 ERROR_TYPES = {
     "authentication_error",
     "invalid_request_error",
@@ -54,173 +44,14 @@ ERROR_TYPES = {
 }
 
 
-# ---------------------------------------------------------------- a fake Anthropic upstream
-
-
-@dataclass
-class FakeAnthropic:
-    """Speaks Anthropic's Messages API; each test sets its behaviour through attributes.
-    `{key}` in `pieces`, `message_id` or an error message is replaced by the x-api-key the
-    fake received (an upstream that echoes its key)."""
-
-    port: int = 0
-    server: tornado.httpserver.HTTPServer | None = None
-    requests: list[tuple[str, dict[str, str], Any]] = field(default_factory=list)
-    status: int = 200
-    error_message: str = "invalid x-api-key: {key}"
-    usage: dict[str, Any] = field(default_factory=lambda: dict(USAGE))
-    start_usage: dict[str, Any] = field(default_factory=lambda: dict(START_USAGE))
-    delta_usage: dict[str, Any] = field(default_factory=lambda: {"output_tokens": FINAL_OUTPUT})
-    pieces: list[str] = field(default_factory=lambda: ["Hello", ", ", "world", "!"])
-    message_id: str = "msg_fake01"
-    cut_after: int | None = None  # close the connection after this many stream events
-    escape_key: bool = False  # write the echoed key with a JSON escape (\\u0073k-…)
-    hang_up: bool = False  # close the connection instead of answering
-    event_delay: float = 0.0
-    input_tokens: int = 42  # count_tokens' answer
-    stream_finished: bool = False
-    client_left: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def texts(self, key: str) -> list[str]:
-        return [p.replace("{key}", key) for p in self.pieces]
-
-    def events(self, key: str, model: Any) -> list[tuple[str, dict[str, Any]]]:
-        message = {
-            "id": self.message_id.replace("{key}", key),
-            "type": "message",
-            "role": "assistant",
-            "model": model if isinstance(model, str) else MODEL,
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": self.start_usage,
-        }
-        events: list[tuple[str, dict[str, Any]]] = [
-            ("message_start", {"type": "message_start", "message": message}),
-            (
-                "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {"type": "text", "text": ""},
-                },
-            ),
-            ("ping", {"type": "ping"}),
-        ]
-        for piece in self.texts(key):
-            delta = {"type": "text_delta", "text": piece}
-            events.append(
-                ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
-            )
-        events += [
-            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            (
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                    "usage": self.delta_usage,
-                },
-            ),
-            ("message_stop", {"type": "message_stop"}),
-        ]
-        return events
-
-
-class _MessagesHandler(tornado.web.RequestHandler):
-    def initialize(self, fake: FakeAnthropic) -> None:
-        self.fake = fake
-
-    def dump(self, data: dict[str, Any]) -> str:
-        text = json.dumps(data)
-        key = self.request.headers.get("x-api-key", "")
-        if self.fake.escape_key and key:
-            text = text.replace(key, f"\\u{ord(key[0]):04x}{key[1:]}")
-        return text
-
-    def on_connection_close(self) -> None:
-        self.fake.client_left.set()
-
-    async def post(self, count: str | None) -> None:
-        fake = self.fake
-        headers = {k.lower(): v for k, v in self.request.headers.get_all()}
-        try:
-            request = json.loads(self.request.body)
-        except ValueError:
-            request = None
-        fake.requests.append((self.request.path, headers, request))
-        key = headers.get("x-api-key", "")
-        if fake.hang_up:
-            self.request.connection.stream.close()  # type: ignore[union-attr]
-            return
-        if fake.status != 200:
-            self.set_status(fake.status)
-            message = fake.error_message.replace("{key}", key)
-            self.finish(
-                {"type": "error", "error": {"type": "authentication_error", "message": message}}
-            )
-            return
-        if count:
-            self.finish({"input_tokens": fake.input_tokens})
-            return
-        model = request.get("model") if isinstance(request, dict) else None
-        if isinstance(request, dict) and request.get("stream") is True:
-            await self._stream(fake.events(key, model))
-            return
-        self.set_header("Content-Type", "application/json")
-        self.finish(
-            self.dump(
-                {
-                    "id": fake.message_id.replace("{key}", key),
-                    "type": "message",
-                    "role": "assistant",
-                    "model": model if isinstance(model, str) else MODEL,
-                    "content": [{"type": "text", "text": "".join(fake.texts(key))}],
-                    "stop_reason": "end_turn",
-                    "stop_sequence": None,
-                    "usage": fake.usage,
-                }
-            )
-        )
-
-    async def _stream(self, events: list[tuple[str, dict[str, Any]]]) -> None:
-        fake = self.fake
-        self.set_header("Content-Type", "text/event-stream")
-        await self.flush()  # the status line and headers go out before any event
-        for n, (kind, data) in enumerate(events):
-            if fake.cut_after is not None and n == fake.cut_after:
-                self.request.connection.stream.close()  # type: ignore[union-attr]
-                return
-            try:
-                self.write(f"event: {kind}\ndata: {self.dump(data)}\n\n")
-                await self.flush()
-            except tornado.iostream.StreamClosedError:
-                fake.client_left.set()
-                return
-            if fake.event_delay:
-                await asyncio.sleep(fake.event_delay)
-            if fake.client_left.is_set():
-                return
-        fake.stream_finished = True
-        self.finish()
+# ---------------------------------------------------------------- helpers
 
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeAnthropic]:
-    f = FakeAnthropic()
-    app = tornado.web.Application(
-        [(r"/v1/messages(/count_tokens)?", _MessagesHandler, {"fake": f})]
-    )
-    sock, f.port = tornado.testing.bind_unused_port("127.0.0.1")
-    f.server = tornado.httpserver.HTTPServer(app)
-    f.server.add_sockets([sock])
+    f = serve_anthropic(FakeAnthropic())
     yield f
-    f.server.stop()
-    await f.server.close_all_connections()
+    await stop_server(f)
 
 
 @pytest.fixture(autouse=True)
@@ -228,9 +59,6 @@ def _no_anthropic_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The SDK reads these when an argument is not given; the tests give what they mean."""
     for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
-
-
-# ---------------------------------------------------------------- helpers
 
 
 async def start(senv: Env, fake: FakeAnthropic, **overrides: Any) -> Client:
@@ -292,20 +120,6 @@ async def fetch(
     )
     assert resp.code != 599, resp.error
     return resp
-
-
-def sse_events(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
-    """(event name, data) of each event of a Server-Sent Events body."""
-    out = []
-    for block in raw.decode().replace("\r\n", "\n").strip().split("\n\n"):
-        name, data = "", ""
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-        out.append((name, json.loads(data) if data else {}))
-    return out
 
 
 def assert_anthropic_error(doc: Any, kind: str | None = None) -> None:

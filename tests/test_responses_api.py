@@ -1,8 +1,9 @@
 """POST /v1/responses: OpenAI's Responses API relayed with the users' keys, limits and stream
 accounting, driven black-box over HTTP and with the official `openai` SDK.
 
-A small fake upstream of our own serves /v1/responses (JSON and event streams, cut or slowed
-on demand, errors that echo the key it was sent); the demo process answers the real shape.
+A small fake upstream of our own (tests/fakes.py) serves /v1/responses (JSON and event streams,
+cut or slowed on demand, errors that echo the key it was sent); the demo process answers the
+real shape.
 """
 
 from __future__ import annotations
@@ -11,206 +12,33 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import hypothesis
 import openai
 import pytest
 import tornado.httpclient
-import tornado.httpserver
-import tornado.iostream
-import tornado.testing
-import tornado.web
 from conftest import ALICE_KEY, UPSTREAM_KEY, Client, Env, Proc, data_text, free_port
+from fakes import RespFake, serve_responses, sse_events, stop_server
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 DEMO_KEY = "your-api-key-here"
 CANARY = "sk-canary-RESPONSES-0123456789abcdef"
-USAGE = {
-    "input_tokens": 12,
-    "input_tokens_details": {"cached_tokens": 0},
-    "output_tokens": 7,
-    "output_tokens_details": {"reasoning_tokens": 0},
-    "total_tokens": 19,
-}
 # {"model": "m", "input": "hello there"}: 11 ASCII characters -> 3 prompt tokens, estimated
 PROMPT = "hello there"
 PROMPT_ESTIMATE = 3
 
 
-# ---------------------------------------------------------------- a fake Responses upstream
-
-
-@dataclass
-class RespFake:
-    """Serves POST /v1/responses; each test sets its behaviour through the attributes."""
-
-    port: int = 0
-    server: tornado.httpserver.HTTPServer | None = None
-    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    status: int = 200  # non-200: an error body (echoing the Authorization header if echo_auth)
-    usage: dict[str, Any] | None = field(default_factory=lambda: dict(USAGE))
-    pieces: list[str] = field(default_factory=lambda: ["Hel", "lo", " wor", "ld"])
-    raw_body: bytes | None = None  # a JSON reply to send exactly as given
-    echo_auth: bool = False  # the reply's text (and the error's message) holds the key sent
-    cut_after: int | None = None  # close the connection after this many events (or all)
-    event_delay: float = 0.0  # seconds after each event sent
-    linger: float = 0.0  # seconds between the closing event and the end of the body
-    content_type: str = "text/event-stream"  # of a stream answer
-    delay: float = 0.0  # before answering at all
-    rewrite: Callable[[list[bytes]], list[bytes]] | None = None  # edits a stream's events
-    finished: bool = False  # the last stream ran to its end
-    left: asyncio.Event = field(default_factory=asyncio.Event)  # the gateway hung up
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-
-def response_object(
-    status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None, model: str
-) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "id": "resp_fake0123",
-        "object": "response",
-        "created_at": 1_700_000_000,
-        "status": status,
-        "model": model,
-        "output": output,
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
-        "text": {"format": {"type": "text"}},
-        "error": None,
-        "incomplete_details": None,
-    }
-    if usage is not None or status != "completed":
-        doc["usage"] = usage
-    return doc
-
-
-def message_item(text: str, status: str = "completed") -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": []}] if text else []
-    return {
-        "type": "message",
-        "id": "msg_fake0123",
-        "status": status,
-        "role": "assistant",
-        "content": content,
-    }
-
-
-def stream_events(pieces: list[str], usage: dict[str, Any] | None, model: str) -> list[bytes]:
-    """The events of one streamed answer, in the shape and order OpenAI sends them."""
-    text = "".join(pieces)
-    seq = iter(range(10_000))
-    at = {"output_index": 0, "item_id": "msg_fake0123"}
-
-    def event(kind: str, **fields: Any) -> bytes:
-        data = {"type": kind, "sequence_number": next(seq), **fields}
-        return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
-
-    started = response_object("in_progress", [], None, model)
-    part = {"type": "output_text", "text": text, "annotations": []}
-    empty = {**part, "text": ""}
-    return [
-        event("response.created", response=started),
-        event("response.in_progress", response=started),
-        event("response.output_item.added", output_index=0, item=message_item("", "in_progress")),
-        event("response.content_part.added", **at, content_index=0, part=empty),
-        *[
-            event("response.output_text.delta", **at, content_index=0, delta=p, logprobs=[])
-            for p in pieces
-        ],
-        event("response.output_text.done", **at, content_index=0, text=text, logprobs=[]),
-        event("response.content_part.done", **at, content_index=0, part=part),
-        event("response.output_item.done", output_index=0, item=message_item(text)),
-        event(
-            "response.completed",
-            response=response_object("completed", [message_item(text)], usage, model),
-        ),
-    ]
-
-
-class _ResponsesHandler(tornado.web.RequestHandler):
-    def initialize(self, fake: RespFake) -> None:
-        self.fake = fake
-
-    def on_connection_close(self) -> None:
-        self.fake.left.set()
-
-    async def post(self) -> None:
-        fake = self.fake
-        fake.requests.append((dict(self.request.headers), self.request.body))
-        auth = self.request.headers.get("Authorization", "")
-        if fake.delay:
-            await asyncio.sleep(fake.delay)
-        if fake.status != 200:
-            self.set_status(fake.status)
-            message = f"Incorrect API key provided: {auth}" if fake.echo_auth else "upstream no"
-            self.finish({"error": {"message": message, "type": "invalid_request_error"}})
-            return
-        try:
-            request = json.loads(self.request.body)
-        except (ValueError, RecursionError):
-            request = {}
-        request = request if isinstance(request, dict) else {}
-        model = str(request.get("model", "m"))
-        pieces = list(fake.pieces)
-        if fake.echo_auth:
-            pieces = ["Your key is ", auth, " ok"]
-        if request.get("stream") is not True:
-            if fake.raw_body is not None:
-                self.set_header("Content-Type", "application/json")
-                self.finish(fake.raw_body)
-                return
-            doc = response_object("completed", [message_item("".join(pieces))], fake.usage, model)
-            self.finish(doc)
-            return
-        self.set_header("Content-Type", fake.content_type)
-        fake.finished = False
-        events = stream_events(pieces, fake.usage, model)
-        if fake.rewrite is not None:
-            events = fake.rewrite(events)
-        for n, event in enumerate(events):
-            if fake.cut_after is not None and n == fake.cut_after:
-                self.request.connection.stream.close()  # type: ignore[union-attr]
-                return
-            try:
-                self.write(event)
-                await self.flush()
-            except tornado.iostream.StreamClosedError:
-                fake.left.set()
-                return
-            if fake.event_delay:
-                await asyncio.sleep(fake.event_delay)
-            if fake.left.is_set():
-                return
-        if fake.linger:
-            await asyncio.sleep(fake.linger)
-        if fake.cut_after is not None:  # every event sent, then the connection dropped
-            self.request.connection.stream.close()  # type: ignore[union-attr]
-            return
-        fake.finished = True
-        self.finish()
+# ---------------------------------------------------------------- helpers
 
 
 @pytest.fixture
 async def fake() -> AsyncIterator[RespFake]:
-    f = RespFake()
-    app = tornado.web.Application([(r"/v1/responses", _ResponsesHandler, {"fake": f})])
-    sock, f.port = tornado.testing.bind_unused_port("127.0.0.1")
-    f.server = tornado.httpserver.HTTPServer(app)
-    f.server.add_sockets([sock])
+    f = serve_responses(RespFake())
     yield f
-    f.server.stop()
-    await f.server.close_all_connections()
-
-
-# ---------------------------------------------------------------- helpers
+    await stop_server(f)
 
 
 async def start(senv: Env, fake: RespFake, **overrides: Any) -> Client:
@@ -288,22 +116,6 @@ async def open_stream(
     )
     await writer.drain()
     return reader, writer
-
-
-def sse(data: bytes) -> list[tuple[str, dict[str, Any]]]:
-    """An event stream as (event name, parsed data) pairs."""
-    out = []
-    for block in data.decode().split("\n\n"):
-        if not block.strip():
-            continue
-        name, payload = "", []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                payload.append(line[5:].strip())
-        out.append((name, json.loads("\n".join(payload))))
-    return out
 
 
 def assert_openai_error(body: bytes, type_: str, code: str, param: str | None = None) -> str:
@@ -512,7 +324,7 @@ async def test_raw_stream_closing_event_is_last_and_sent_after_the_charge(
     assert resp.headers["x-ratelimit-limit-requests"] == "20"
     assert resp.headers["x-ratelimit-remaining-requests"] == "19"  # her slot is held
     assert charged_when_closed == [(1, 19)]
-    events = sse(b"".join(chunks))
+    events = sse_events(b"".join(chunks))
     assert [name for name, _ in events] == STREAM_TYPES
     assert [data["type"] for _, data in events] == STREAM_TYPES
     assert events[-1][1]["response"]["usage"]["total_tokens"] == 19
@@ -531,7 +343,7 @@ async def test_incomplete_and_failed_close_a_stream_with_their_usage(
     ]
     client = await start(senv, fake)
     resp = await post(client, {"model": "m", "input": PROMPT, "stream": True})
-    events = sse(resp.body)
+    events = sse_events(resp.body)
     assert [name for name, _ in events] == [*STREAM_TYPES[:-1], closing]
     assert await totals(client) == (1, 19)
     line = (await settled(senv))[-1]
@@ -549,7 +361,7 @@ async def test_a_stream_cut_by_the_upstream_ends_in_an_error_event_and_is_charge
     client = await start(senv, fake)
     resp = await post(client, {"model": "m", "input": PROMPT, "stream": True})
     assert resp.code == 200
-    events = sse(resp.body)
+    events = sse_events(resp.body)
     assert [name for name, _ in events] == [*STREAM_TYPES[:6], "error"]
     error = events[-1][1]
     assert (error["type"], error["code"]) == ("error", "stream_interrupted")
@@ -621,7 +433,7 @@ async def test_a_stream_that_completes_without_usage_is_estimated(
     fake.usage = None
     client = await start(senv, fake)
     resp = await post(client, {"model": "m", "input": PROMPT, "stream": True})
-    assert [name for name, _ in sse(resp.body)] == STREAM_TYPES
+    assert [name for name, _ in sse_events(resp.body)] == STREAM_TYPES
     # prompt "hello there" -> 3; deltas "Hello world" (11 ASCII characters) -> 3
     assert await totals(client) == (1, PROMPT_ESTIMATE + 3)
     line = (await settled(senv))[-1]
@@ -649,7 +461,7 @@ async def test_a_break_after_the_closing_event_still_delivers_it(
     resp = await post(client, {"model": "m", "input": PROMPT, "stream": True})
     assert resp.code == 200
     assert await totals(client) == (1, 19)  # exact usage, from response.completed
-    assert [name for name, _ in sse(resp.body)] == STREAM_TYPES
+    assert [name for name, _ in sse_events(resp.body)] == STREAM_TYPES
 
 
 # ---------------------------------------------------------------- 4. limits under concurrency
@@ -669,7 +481,7 @@ async def test_ten_concurrent_streams_against_a_limit_of_three(senv: Env, fake: 
             assert r.headers["x-should-retry"] == "false"
             assert int(r.headers["Retry-After"]) > 0
         else:
-            assert [name for name, _ in sse(r.body)] == STREAM_TYPES
+            assert [name for name, _ in sse_events(r.body)] == STREAM_TYPES
     assert len(fake.requests) == 3
     assert await totals(client) == (3, 3 * 19)
 
@@ -838,7 +650,7 @@ async def test_an_echoed_upstream_key_appears_nowhere(
         )
         resp = keep(await post(client, stream_call))
         assert resp.code == 200
-        events = sse(resp.body)
+        events = sse_events(resp.body)
         assert events[-1][0] == "response.completed"
         deltas = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
         assert deltas == "Your key is Bearer [redacted] ok"
@@ -846,7 +658,7 @@ async def test_an_echoed_upstream_key_appears_nowhere(
         fake.cut_after = 7
         fake.event_delay = 0.02
         resp = keep(await post(client, stream_call))
-        assert sse(resp.body)[-1][0] == "error"
+        assert sse_events(resp.body)[-1][0] == "error"
         fake.cut_after = None
         # through the SDK too
         fake.status = 401
@@ -884,7 +696,7 @@ async def test_a_key_in_json_escapes_inside_a_stream_event_is_redacted(
     fake.rewrite = lambda events: [e.replace(b"PLACEHOLDER", escaped.encode()) for e in events]
     resp = await post(client, {"model": "m", "input": PROMPT, "stream": True})
     assert resp.code == 200
-    decoded = json.dumps([data for _, data in sse(resp.body)])
+    decoded = json.dumps([data for _, data in sse_events(resp.body)])
     assert CANARY not in decoded
 
 
@@ -993,7 +805,7 @@ async def test_hostile_bodies_never_break_the_gateway(
         assert resp.code == expected, (raw[:200], resp.body[:300])
     if resp.code == 200 and stream:
         assert resp.headers["Content-Type"].startswith("text/event-stream")
-        assert [name for name, _ in sse(resp.body)] == STREAM_TYPES
+        assert [name for name, _ in sse_events(resp.body)] == STREAM_TYPES
     else:
         doc = json.loads(resp.body)
         assert isinstance(doc, dict)

@@ -29,10 +29,18 @@ import tornado.iostream
 import tornado.testing
 import tornado.web
 from conftest import ALICE_KEY, BOB_KEY, UPSTREAM_KEY, Client, Env
-from test_anthropic_api import MODEL, MSGS, TEAM_KEY, FakeAnthropic, assert_anthropic_error
-from test_anthropic_api import _MessagesHandler as MessagesHandler
-from test_responses_api import PROMPT, PROMPT_ESTIMATE, USAGE, RespFake, open_stream
-from test_responses_api import _ResponsesHandler as ResponsesHandler
+from fakes import ANTHROPIC_MODEL as MODEL
+from fakes import RESPONSES_USAGE as USAGE
+from fakes import (
+    FakeAnthropic,
+    MessagesHandler,
+    RespFake,
+    serve_anthropic,
+    serve_responses,
+    stop_server,
+)
+from test_anthropic_api import MSGS, TEAM_KEY, assert_anthropic_error
+from test_responses_api import PROMPT, PROMPT_ESTIMATE, open_stream
 from test_routing import K1, K2, Fake, up, write_yaml
 from test_routing import serve as serve_routing_fake
 
@@ -189,16 +197,9 @@ class _SlowCountHandler(MessagesHandler):
 
 @pytest.fixture
 async def anthropic_fake() -> AsyncIterator[SlowCount]:
-    f = SlowCount()
-    app = tornado.web.Application(
-        [(r"/v1/messages(/count_tokens)?", _SlowCountHandler, {"fake": f})]
-    )
-    sock, f.port = tornado.testing.bind_unused_port("127.0.0.1")
-    f.server = tornado.httpserver.HTTPServer(app)
-    f.server.add_sockets([sock])
+    f = serve_anthropic(SlowCount(), _SlowCountHandler)
     yield f
-    f.server.stop()
-    await f.server.close_all_connections()
+    await stop_server(f)
 
 
 async def test_count_tokens_left_while_queued_is_skipped_and_its_body_stays_counted(
@@ -695,14 +696,9 @@ async def test_an_upstreams_configured_anthropic_headers_win(
 
 @pytest.fixture
 async def responses_fake() -> AsyncIterator[RespFake]:
-    f = RespFake()
-    app = tornado.web.Application([(r"/v1/responses", ResponsesHandler, {"fake": f})])
-    sock, f.port = tornado.testing.bind_unused_port("127.0.0.1")
-    f.server = tornado.httpserver.HTTPServer(app)
-    f.server.add_sockets([sock])
+    f = serve_responses(RespFake())
     yield f
-    f.server.stop()
-    await f.server.close_all_connections()
+    await stop_server(f)
 
 
 async def test_a_responses_client_leaving_after_the_text_is_charged_the_final_usage(
