@@ -2457,7 +2457,7 @@ elseif policy == 's' then
   if pe >= left then return refuse('tokens') end
   if want > 0 then grant = math.min(want, left) else grant = left end
 end
-redis.call('HSET', o, rid, owner .. '|' .. grant .. '|' .. (now + lease))
+redis.call('HSET', o, rid, owner .. '|' .. string.format('%d', grant) .. '|' .. (now + lease))
 redis.call('ZADD', m, now, rid)
 return {'', req, tok, reserved + 1, held + grant, grant, 0}
 """
@@ -2515,6 +2515,9 @@ REDIS_RENEW_SECONDS = 1.0
 # CPU of the file store, and throughput halved).
 REDIS_PIPELINES = 1
 REDIS_BATCH = 1024  # commands in one pipeline at most
+# Numbers sent to the scripts are at most this: Lua keeps numbers as doubles, exact up to
+# 2**53 (and the scripts write a lease's hold with %d: plain `..` would write 1e15 as "1e+15").
+REDIS_NUMBER_MAX = 2**53 - 1
 REDIS_TIMEOUT = 2.0  # seconds for any one Redis command, connecting included
 
 
@@ -2576,6 +2579,8 @@ class RedisStore(UsageStore):
         # together in one pipeline: under load a round trip carries many calls' scripts.
         self._batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flushing: set[asyncio.Future[None]] = set()
+        self._closed = False
+        self._error_type: type[Exception] = redis.RedisError
         self._ours: dict[str, Reservation] = {}  # reservations this process holds: renewed
         self._seen: dict[tuple[str, str], Counts] = {}
         self._listed: set[tuple[str, str]] = set()  # (day, user) already in the day's user set
@@ -2602,8 +2607,13 @@ class RedisStore(UsageStore):
         return result
 
     def _send(self, *command: Any) -> asyncio.Future[Any]:
-        """Queue one command for the next pipeline; its future holds the answer."""
+        """Queue one command for the next pipeline; its future holds the answer. Arguments
+        are made text here, so one that cannot be fails its own caller, not the pipeline."""
         future = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(self._error_type("the usage store is closed"))
+            return future
+        command = tuple(a if isinstance(a, str | bytes) else str(a) for a in command)
         self._batch.append((command, future))
         if len(self._batch) == 1 and len(self._flushing) < REDIS_PIPELINES:
             asyncio.get_running_loop().call_soon(self._flush)
@@ -2613,16 +2623,24 @@ class RedisStore(UsageStore):
         return self._send("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
 
     def _flush(self) -> None:
-        if not self._batch:
+        if not self._batch or len(self._flushing) >= REDIS_PIPELINES:
             return
         batch, self._batch = self._batch[:REDIS_BATCH], self._batch[REDIS_BATCH:]
         task = asyncio.ensure_future(self._run_batch(batch))
         self._flushing.add(task)  # the loop keeps only a weak reference
-        task.add_done_callback(self._flushed)
+        task.add_done_callback(lambda t: self._flushed(t, batch))
 
-    def _flushed(self, task: asyncio.Future[None]) -> None:
+    def _flushed(self, task: asyncio.Future[None], batch: list[tuple[Any, Any]]) -> None:
         self._flushing.discard(task)
+        # A pipeline task that was cancelled (the loop closing) answers its calls all the same.
+        self._fail(batch, self._error_type("the usage store's pipeline was cancelled"))
         self._flush()  # what queued up meanwhile goes in the next pipeline
+
+    @staticmethod
+    def _fail(batch: list[tuple[Any, asyncio.Future[Any]]], error: BaseException) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(error)
 
     async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
@@ -2633,20 +2651,26 @@ class RedisStore(UsageStore):
     async def _run_batch(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
             answers = await self._pipeline([c for c, _ in batch])
-            again = [i for i, a in enumerate(answers) if isinstance(a, self._no_script)]
-            if again:  # Redis restarted or was flushed: it ran none of these, so send them again
+        except Exception as e:
+            error = e if isinstance(e, self._errors) else self._error_type(f"{e!r}"[:300])
+            self._fail(batch, error)
+            # Redis is down or hangs: what queued meanwhile was not sent, and fails now rather
+            # than waiting its turn behind one timed-out pipeline after another. The next call
+            # tries again.
+            waiting, self._batch = self._batch, []
+            self._fail(waiting, error)
+            return
+        again = [i for i, a in enumerate(answers) if isinstance(a, self._no_script)]
+        if again:  # Redis restarted or was flushed: it ran none of these, so send them again
+            try:
                 for script in self._scripts.values():
                     await self._redis.script_load(script.script)  # the same SHA1 as before
-                redo = [batch[i][0] for i in again]
-                for i, answer in zip(again, await self._pipeline(redo), strict=True):
-                    answers[i] = answer
-        except BaseException as e:  # every waiting call gets the failure
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(e)
-            if not isinstance(e, Exception):
-                raise
-            return
+                redo = await self._pipeline([batch[i][0] for i in again])
+            except Exception as e:
+                error = e if isinstance(e, self._errors) else self._error_type(f"{e!r}"[:300])
+                redo = [error] * len(again)  # only these failed; the others have their answers
+            for i, answer in zip(again, redo, strict=True):
+                answers[i] = answer
         for (_, future), answer in zip(batch, answers, strict=True):
             if future.done():
                 continue
@@ -2660,8 +2684,13 @@ class RedisStore(UsageStore):
         self._renewing = asyncio.ensure_future(self._renew_forever())
 
     async def close(self) -> None:
+        self._closed = True
         if self._renewing is not None:
             self._renewing.cancel()
+        if self._flushing:  # the pipeline on its way: its answers are awaited, up to a timeout
+            await asyncio.wait(list(self._flushing), timeout=REDIS_TIMEOUT)
+        waiting, self._batch = self._batch, []
+        self._fail(waiting, self._error_type("the usage store is closed"))
         await self._redis.aclose()
 
     async def _renew_forever(self) -> None:
@@ -2679,7 +2708,7 @@ class RedisStore(UsageStore):
                 await asyncio.gather(
                     *(self._script("renew", [key], [deadline, *ids]) for key, ids in by_key.items())
                 )
-            except self._errors as e:
+            except Exception as e:  # the renewer must outlive any one failure
                 log.warning("usage store %s: renewing leases failed: %s", self.name, e)
 
     async def reserve(self, user: User, day: str, want: int = 0, prompt: int = 0) -> Reservation:
@@ -2694,29 +2723,26 @@ class RedisStore(UsageStore):
             args=[
                 rid,
                 self.owner,
-                user.daily_request_limit,
-                user.daily_token_limit,
-                policy.rpm,
-                policy.tpm,
-                policy.max_concurrency,
+                min(user.daily_request_limit, REDIS_NUMBER_MAX),
+                min(user.daily_token_limit, REDIS_NUMBER_MAX),
+                min(policy.rpm, REDIS_NUMBER_MAX),
+                min(policy.tpm, REDIS_NUMBER_MAX),
+                min(policy.max_concurrency, REDIS_NUMBER_MAX),
                 "" if policy.token_policy == ADMIT else policy.token_policy[0],
-                want,
-                prompt,
+                min(want, REDIS_NUMBER_MAX),
+                min(prompt, REDIS_NUMBER_MAX),
                 REDIS_LEASE_MS,
             ],
         )
-        if not first:
-            result = await self._call("reserve", reserve)
-        else:  # the first call of this user's day here: list the user and the day too
+        if first:  # the first call of this user's day here: list the user and the day too
+            # In the same pipeline, but not awaited: if listing fails, the reservation
+            # stands, and the next call (or maintain) lists them again.
             listed = asyncio.gather(
-                reserve,
                 self._send("SADD", self._day(day, "users"), user.name),
                 self._send("ZADD", f"{self.prefix}:days", 0, day),
             )
-            result = (await self._call("reserve", listed))[0]
-            self._listed.add((day, user.name))
-            if len(self._listed) > 100_000:
-                self._listed.clear()
+            listed.add_done_callback(lambda f: self._note_listed(f, day, user.name))
+        result = await self._call("reserve", reserve)
         reason, req, tok, reserved, held, grant, wait = result
         reason = reason.decode() if isinstance(reason, bytes) else str(reason)
         counts = Counts(int(req), int(tok), int(reserved), int(held))
@@ -2726,6 +2752,13 @@ class RedisStore(UsageStore):
         res = Reservation(rid, user.name, day, int(grant))
         self._ours[rid] = res
         return res
+
+    def _note_listed(self, listed: asyncio.Future[Any], day: str, user: str) -> None:
+        if listed.cancelled() or listed.exception() is not None:
+            return
+        self._listed.add((day, user))
+        if len(self._listed) > 100_000:
+            self._listed.clear()
 
     async def settle(self, res: Reservation, usage: Usage, call: CallFacts) -> Counts:
         c, o, _, k = self._keys(res.day, res.user)
@@ -4491,6 +4524,7 @@ def validate_count_tokens(doc: dict[str, Any]) -> bool:
 
 MAX_ESTIMATE_PARTS = 100_000  # values one estimate walks through; past it, the rest is not counted
 MAX_USAGE_TOKENS = 100_000_000  # the largest usage figure taken from an upstream, per field
+TOKEN_HOLD_MAX = 10**12  # the most tokens a call may hold (a client may ask max_tokens=10**4000)
 
 
 def _ascii_count(text: str) -> int:
@@ -5735,10 +5769,11 @@ class Service:
         self.check_accepting(job.api)
         day = self.clock.today()  # settled against the day it was admitted on
         job.user, job.weight = user.name, user.policy.weight
-        want = job.prompt + job.max_tokens * job.choices
+        want = min(job.prompt + job.max_tokens * job.choices, TOKEN_HOLD_MAX)
         if user.policy.token_policy == STRICT and not job.max_tokens:
             want = 0  # no cap from the client: strict grants what is left, and caps it there
-        res: Reservation | None = await self.store.reserve(user, day, want, job.prompt)
+        prompt = min(job.prompt, TOKEN_HOLD_MAX)
+        res: Reservation | None = await self.store.reserve(user, day, want, prompt)
         assert res is not None
         if user.policy.token_policy == STRICT and res.grant > job.prompt:
             # What is left of the day's tokens after the prompt, or the client's own cap if

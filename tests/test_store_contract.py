@@ -652,6 +652,43 @@ async def test_a_call_admitted_before_midnight_settles_on_that_day(
     assert await store.usage("2026-11-26") == {"alice": (1, 15)}
 
 
+async def test_a_huge_hold_still_counts_as_a_call_in_flight(store: gateway.UsageStore) -> None:
+    """A client may ask for max_tokens of any size: the hold it makes is a number like any
+    other (Lua writes 1e15 with an exponent; that lease must not look like a dead one's)."""
+    day = today()
+    user = mkuser("huge", tl=10**18, token_policy=RESERVE, max_concurrency=1)
+    first = await store.reserve(user, day, want=10**15)
+    with pytest.raises(QuotaExceeded) as refused:
+        await store.reserve(user, day, want=10**15)
+    assert refused.value.reason == "concurrency"
+    await store.settle(first, used(5), FACTS)
+    await store.settle(await store.reserve(user, day, want=10**15), used(5), FACTS)
+    assert await store.counts("huge", day) == Counts(2, 10, 0, 0)
+
+
+async def test_a_max_tokens_of_4000_digits_harms_no_one_else(senv: Env, store_url: str) -> None:
+    """A hold is capped where it is computed: a client's absurd max_tokens can neither fail
+    the calls that share its Redis pipeline nor slip past max_concurrency."""
+    senv.write_users(
+        {
+            "alice": {"api_key": ALICE_KEY, "max_concurrency": 1, "token_policy": "reserve"},
+            "carol": {"api_key": CAROL_KEY},
+        }
+    )
+    senv.upstream.delay = 0.3
+    client = await senv.start(store=store_url)
+    huge = {**VALID, "max_tokens": int("9" * 4000)}
+    results = await asyncio.gather(
+        client.call(huge), client.call(huge), *(client.call(key=CAROL_KEY) for _ in range(20))
+    )
+    alice, carol = [r[0] for r in results[:2]], [r[0] for r in results[2:]]
+    assert sorted(alice) == [200, 429], results[:2]  # one in flight at a time, as configured
+    assert carol == [200] * 20
+    status = await client.status()
+    assert status["status"] == "running"
+    assert status["stats"]["today_requests"] == 21
+
+
 async def test_peek(store: gateway.UsageStore) -> None:
     day = today()
     user = mkuser("alice", token_policy=RESERVE)
@@ -1122,6 +1159,40 @@ async def test_a_flushed_script_cache_is_refilled_and_limits_stay_exact(
         assert len(granted) == 37 - 20 and len(refused) == 100 - 17
     finally:
         await s.close()
+
+
+async def test_a_hung_redis_fails_every_call_within_the_timeout(own_redis: RedisServer) -> None:
+    """Redis stops answering (SIGSTOP: connections stay open) while calls keep coming: each
+    call fails within about one timeout, however many queue up behind the pipeline that
+    waits; when Redis answers again, so does the store."""
+    s = open_store(own_redis.url(prefix="hung"))
+    await s.start()
+    day = today()
+    users = [mkuser(f"h{n}") for n in range(50)]
+    assert own_redis.proc is not None
+    own_redis.proc.send_signal(signal.SIGSTOP)
+    waits: list[float] = []
+
+    async def one(user: User) -> None:
+        started = time.monotonic()
+        with pytest.raises(gateway.StoreUnavailable):
+            await s.reserve(user, day)
+        waits.append(time.monotonic() - started)
+
+    try:
+        calls = []
+        for tick in range(40):  # 1,000 calls a second for 4 s
+            calls += [asyncio.ensure_future(one(u)) for u in users[: 25 + tick % 2]]
+            await asyncio.sleep(0.04)
+        await asyncio.wait_for(asyncio.gather(*calls), 30)
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+    assert len(waits) >= 1000
+    assert max(waits) < gateway.REDIS_TIMEOUT + 1.0, sorted(waits)[-5:]
+    r = await s.reserve(users[0], day)
+    await s.settle(r, used(1), FACTS)
+    assert await s.counts("h0", day) == Counts(1, 1, 0, 0)
+    await s.close()
 
 
 async def test_no_secret_reaches_redis(senv: Env, redis_server: RedisServer) -> None:
