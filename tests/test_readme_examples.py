@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -77,8 +78,8 @@ async def test_node_sdk_snippet(demo: Proc, tmp_path: Path) -> None:
 @pytest.mark.slow
 async def test_operating_commands_run_as_written(tmp_path: Path) -> None:
     block = snippet("sh", "python3 gateway.py user add")
-    commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
-    assert len(commands) == 9
+    commands = [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.strip()]
+    assert len(commands) == 10
     (tmp_path / "users.yaml").write_text((ROOT / "users.yaml").read_text())
     env = {
         "GATEWAY_USERS_FILE": str(tmp_path / "users.yaml"),
